@@ -208,6 +208,7 @@ class PipelineConfig:
     policy: str = "dpo"
     force: Any = False
     stages: Optional[List[str]] = None
+    overrides: Dict[str, List[str]] = field(default_factory=dict)
 
 
 @dataclass

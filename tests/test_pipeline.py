@@ -14,7 +14,7 @@ FAST = [*TINY, "data.max_rows=16", "trainer.max_steps=2", "trainer.max_length=32
 
 
 def test_pipeline_runs_chain_then_skips(tmp_path, capsys):
-    run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe")
+    run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe", 'pipeline.overrides={sft:["trainer.max_steps=3"]}')
     root = tmp_path / "pipe"
     for stage in ("data", "sft", "rm", "dpo", "safety_eval"):
         assert (root / stage / "manifest.json").exists(), stage
@@ -23,7 +23,9 @@ def test_pipeline_runs_chain_then_skips(tmp_path, capsys):
     report = (root / "report.md").read_text()
     assert "| OS |" in report and "| sft |" in report and "safety_eval" in report
     sft_cfg = yaml.safe_load((root / "sft" / "config.yaml").read_text())
-    assert sft_cfg["trainer"]["max_steps"] == 2 and sft_cfg["stage"]["name"] == "sft"  # the user's overrides reached it
+    assert sft_cfg["trainer"]["max_steps"] == 3 and sft_cfg["stage"]["name"] == "sft"  # its own override won
+    rm_cfg = yaml.safe_load((root / "rm" / "config.yaml").read_text())
+    assert rm_cfg["trainer"]["max_steps"] == 2 and rm_cfg["trainer"]["max_length"] == 320  # the shared ones reached it
 
     stamp = (root / "sft" / "manifest.json").read_text()
     out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe")
@@ -41,6 +43,11 @@ def test_failing_stage_stops_with_one_line_and_rerun_resumes(tmp_path):
     assert not (tmp_path / "f" / "rm" / "manifest.json").exists()
     out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=f", "pipeline.stages=[data,sft,rm]")
     assert out["timings"]["sft"] == "skipped" and out["timings"]["rm"] != "skipped"
+
+
+def test_overrides_for_a_stage_outside_the_chain_are_rejected(tmp_path):
+    with pytest.raises(AlignError, match="pipeline.overrides: 'ppo'"):
+        run_stage(tmp_path, "stage=pipeline", *FAST, 'pipeline.overrides={ppo:["trainer.max_steps=3"]}')
 
 
 def test_unknown_policy_is_rejected(tmp_path):
