@@ -25,6 +25,8 @@ def test_rm_trains_evaluates_and_loads(sft_run):
     for key in ("eval/accuracy", "eval/ties", "eval/mean_margin", "eval/loss", "eval/n_pairs"):
         assert key in m
     assert m["eval/n_pairs"] == 32
+    # long in-scope answers are cut to fit max_length, not dropped by TRL (which would leave mostly refusal pairs)
+    assert m["data/train_rows_used"] == m["data/train_rows"]
     assert 0.0 <= m["eval/accuracy"] <= 1.0 and m["eval/accuracy"] + m["eval/tie_rate"] <= 1.0 + 1e-9
     manifest = json.loads((sft_run / "p" / "rm" / "manifest.json").read_text())
     assert "sft" in manifest["parents"]
@@ -34,6 +36,25 @@ def test_rm_trains_evaluates_and_loads(sft_run):
     rm = AutoPeftModelForSequenceClassification.from_pretrained(str(sft_run / "p" / "rm" / "adapter"), num_labels=1)
     score = rm(torch.tensor([[1, 2, 3, 4]])).logits
     assert score.shape == (1, 1)
+
+
+def test_fit_pairs_cuts_answers_to_max_length():
+    from transformers import AutoTokenizer
+
+    from align.models import resolve
+    from align.stages.rm import fit_pairs
+
+    tok = AutoTokenizer.from_pretrained(resolve("align://tiny-llama"))
+    prompt = [{"role": "user", "content": "How are tips taxed?"}]
+    long = "Tips are taxable income. " * 60
+    row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": long}],
+           "rejected": [{"role": "assistant", "content": "Sorry, I can't help."}]}
+    (fit,) = fit_pairs([row], tok, 64)
+    for side in ("chosen", "rejected"):
+        text = tok.apply_chat_template(prompt + fit[side], tokenize=False)
+        assert len(tok(text, add_special_tokens=False)["input_ids"]) <= 64
+    assert long.startswith(fit["chosen"][0]["content"].strip()) and len(fit["chosen"][0]["content"]) > 40
+    assert fit["rejected"] == row["rejected"]  # short answers are left alone
 
 
 def test_ties_are_counted_and_never_correct(sft_run):
@@ -96,14 +117,8 @@ def test_kto_from_sft_on_unpaired_rows(sft_run):
 
 
 def test_on_policy_rejected_answers_come_from_the_model(sft_run):
-    from align.data import recipes
-    from conftest import compose
-
     m = run_stage(sft_run, "stage=dpo", *COMMON, "run.name=p", "trainer.max_steps=1", "run.overwrite=true",
                   "data.rejected_source=policy", "eval.max_new_tokens=6", "data.max_rows=8")
     assert m["train/global_step"] == 1
-    policy = recipes.load(compose(sft_run, *COMMON, "run.name=p", "data.max_rows=8", "data.rejected_source=policy"),
-                          "preference",
-                          generate_fn=lambda prompts: ["policy answer"] * len(prompts))[0]
-    refusal_pairs = [r for r in policy if r["rejected"][0]["content"] == "policy answer"]
-    assert refusal_pairs and all(r["source"] in ("off_scope", "unsafe", "adversarial") for r in refusal_pairs)
+    # the barely trained tiny policy babbles rather than refuses, so its answers replace templates
+    assert m["data/on_policy_rejected"] > 0

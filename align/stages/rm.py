@@ -65,6 +65,27 @@ def pairwise_eval(model, tokenizer, rows: list[dict], max_length: int, tie_epsil
     }
 
 
+def fit_pairs(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """Cut chosen/rejected answers to fit max_length with their prompt. TRL's RewardTrainer drops longer pairs,
+    which would leave mostly short refusal pairs; the preference shows in the opening tokens anyway."""
+    out = []
+    for row in rows:
+        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        prompt = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        budget = max_length - prompt - 4  # end-of-turn tokens the template adds after the answer
+        if budget < 8:
+            out.append(row)  # the prompt alone is too long: TRL drops it and count_kept reports it
+            continue
+        cut = {}
+        for side in ("chosen", "rejected"):
+            msg = row[side][-1]
+            ids = tokenizer(msg["content"], add_special_tokens=False)["input_ids"]
+            text = msg["content"] if len(ids) <= budget else tokenizer.decode(ids[:budget])
+            cut[side] = [*row[side][:-1], {**msg, "content": text}]
+        out.append({**row, **cut})
+    return out
+
+
 def run(cfg) -> dict:
     from trl import RewardConfig, RewardTrainer
 
@@ -80,6 +101,8 @@ def run(cfg) -> dict:
     out = runs.prepare(cfg, "rm", main_process=main)
     tokenizer = models.load_tokenizer(cfg.model)
     train_rows, eval_rows = recipes.load(cfg, "preference", tokenizer)
+    train_rows = fit_pairs(train_rows, tokenizer, cfg.trainer.max_length)
+    eval_rows = fit_pairs(eval_rows, tokenizer, cfg.trainer.max_length)
     log.info("rm: %d train pairs, %d eval pairs", len(train_rows), len(eval_rows))
 
     model = models.load_model(cfg, "score", tokenizer)
