@@ -304,22 +304,23 @@ def test_scope_preference_pairs(tmp_path):
         validate(row, "preference")
 
 
-def test_policy_rejected_answers_come_from_generate_fn(tmp_path):
+def test_policy_answers_replace_templates_only_where_the_policy_complies(tmp_path):
+    built = recipes.build(make_cfg(data=guard_data(tmp_path), scope_cfg=SCOPE))
+    pairs = built.pref_train
+    refuse = [p for p in pairs if p["refuse"]]
+    assert len(refuse) == 5 and all(not p["refuse"] for p in pairs if p not in refuse)
     seen = []
 
     def generate_fn(prompts):
-        seen.extend(prompts)
-        return [f"POLICY ANSWER {i}" for i in range(len(prompts))]
+        seen.extend(prompts)  # odd ones comply, even ones refuse
+        return [f"COMPLY {i}" if i % 2 else f"REFUSE {i}" for i in range(len(prompts))]
 
-    cfg = make_cfg(data={**guard_data(tmp_path), "rejected_source": "policy"}, scope_cfg=SCOPE)
-    built = recipes.build(cfg, generate_fn=generate_fn)
-    refuse_pairs = [r for r in built.pref_train if r["chosen"][0]["content"].split(":")[0] in
-                    ("REFUSAL", "REFUSAL2", "UNSAFE", "CRISIS")]
-    assert len(refuse_pairs) == 5 and all(r["rejected"][0]["content"].startswith("POLICY ANSWER") for r in refuse_pairs)
+    out, swapped = scope.with_policy_rejected(pairs, generate_fn, lambda prompt, answer: answer.startswith("REFUSE"))
     assert len(seen) == 5 and all(p[0]["role"] == "system" and p[-1]["role"] == "user" for p in seen)
-    # without generate_fn (the data stage has no model) the template stays
-    plain = recipes.build(cfg)
-    assert not any(r["rejected"][0]["content"].startswith("POLICY") for r in plain.pref_train)
+    rejected = [p["rejected"][0]["content"] for p in out if p["refuse"]]
+    assert swapped == 2 and sorted(r for r in rejected if r.startswith("COMPLY")) == ["COMPLY 1", "COMPLY 3"]
+    assert not any(r.startswith("REFUSE") for r in rejected)  # a refusal is never the rejected side
+    assert [p for p in out if not p["refuse"]] == [p for p in pairs if not p["refuse"]]
 
 
 def test_compliant_template_is_built_from_the_prompt():

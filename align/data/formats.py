@@ -11,10 +11,11 @@ LABELS = ("safe", "unsafe")
 EXPECTED = ("answer", "refuse")
 
 # optional keys each kind may carry besides its own (id/source are kept for provenance only;
-# `system` lets a scope-eval prompt carry its own system prompt, e.g. from the off_topic dataset)
+# `system` lets a scope-eval prompt carry its own system prompt, e.g. from the off_topic dataset;
+# `refuse` marks which side of the scope a built preference pair's prompt is on, for on-policy negatives)
 EXTRA_KEYS = {
     "sft": ("id", "source"),
-    "preference": ("id", "source"),
+    "preference": ("id", "source", "refuse"),
     "prompt": ("id", "source"),
     "safety": ("id", "source"),
     "scope_eval": ("id", "source", "system"),
@@ -47,6 +48,8 @@ def validate(row, kind: str) -> None:
     for key in ("source", "system"):
         if row.get(key) is not None and not isinstance(row[key], str):
             raise ValueError(f"{key} must be a string")
+    if row.get("refuse") is not None and not isinstance(row["refuse"], bool):
+        raise ValueError("refuse must be true or false")
     _CHECKS[kind](row)
 
 

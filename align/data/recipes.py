@@ -105,7 +105,8 @@ def needs_tokenizer(cfg) -> bool:
 def config_fingerprint(cfg) -> str:
     """What a build depends on: data + scope config, seed, the content of local source files, and the
     tokenizer when a length filter counts tokens."""
-    data = {k: v for k, v in _plain(cfg.data).items() if k != "reuse_built"}
+    # reuse_built and rejected_source (applied by the dpo/kto stage) do not change the files
+    data = {k: v for k, v in _plain(cfg.data).items() if k not in ("reuse_built", "rejected_source")}
     files = {}
     for src in source_configs(cfg):
         path = sources.resolve(src.path)
@@ -393,7 +394,7 @@ def _sft_prompt(row: dict) -> dict | None:
     return {"prompt": msgs[:last], "source": row["source"]}
 
 
-def _convert(items: list, cfg, to_sft: dict, rng: random.Random, generate_fn=None) -> tuple[list, list, list]:
+def _convert(items: list, cfg, to_sft: dict, rng: random.Random) -> tuple[list, list, list]:
     """Canonical rows -> (sft, preference, prompt) rows; safety/scope-eval rows go through scope.py."""
     sft, pref, prompts, guard = [], [], [], []
     for it in items:
@@ -412,9 +413,8 @@ def _convert(items: list, cfg, to_sft: dict, rng: random.Random, generate_fn=Non
             prompts.append(row)
         else:
             guard.append(row)
-    fn = generate_fn if cfg.data.rejected_source == "policy" else None
     sft += scope_mod.sft_examples(guard, cfg.scope, rng)
-    pref += scope_mod.preference_pairs(guard, cfg.scope, rng, generate_fn=fn)
+    pref += scope_mod.preference_pairs(guard, cfg.scope, rng)
     prompts += scope_mod.prompt_rows(guard, cfg.scope)
     return sft, pref, prompts
 
@@ -439,8 +439,8 @@ def _add_system(rows: list, key: str, system: str | None) -> list:
     return [r if r[key][0]["role"] == "system" else {**r, key: [msg] + r[key]} for r in rows]
 
 
-def build(cfg, tokenizer=None, *, generate_fn=None) -> Built:
-    """Build the recipe in cfg.data. generate_fn (data.rejected_source=policy): see scope.preference_pairs."""
+def build(cfg, tokenizer=None) -> Built:
+    """Build the recipe in cfg.data (data.rejected_source=policy is applied later, by the dpo stage)."""
     if cfg.data.rejected_source not in ("template", "policy"):
         raise AlignError(f"data.rejected_source must be template or policy, got {cfg.data.rejected_source!r}")
     if not 0 <= cfg.data.eval_fraction < 1:
@@ -482,8 +482,8 @@ def build(cfg, tokenizer=None, *, generate_fn=None) -> Built:
 
     to_sft = {s.name: bool(s.options.get("to_sft", True)) for s in srcs}
     eval_items = [it for it in evals if it.kind != "scope_eval"] + held
-    sft_tr, pref_tr, prm_tr = _convert(train, cfg, to_sft, random.Random(f"{seed}:train"), generate_fn)
-    sft_ev, pref_ev, prm_ev = _convert(eval_items, cfg, to_sft, random.Random(f"{seed}:eval"), generate_fn)
+    sft_tr, pref_tr, prm_tr = _convert(train, cfg, to_sft, random.Random(f"{seed}:train"))
+    sft_ev, pref_ev, prm_ev = _convert(eval_items, cfg, to_sft, random.Random(f"{seed}:eval"))
     system = cfg.scope.system_prompt
     shuffle = random.Random(f"{seed}:shuffle")
     built = Built(
@@ -555,14 +555,13 @@ def _reusable(cfg) -> dict | None:
     return info
 
 
-def load(cfg, kind: str, tokenizer=None, *, generate_fn=None) -> tuple[list, list]:
+def load(cfg, kind: str, tokenizer=None) -> tuple[list, list]:
     """(train, eval) rows of `kind` (sft, preference, prompt or scope_eval; scope_eval: ([], rows)).
     Reads outputs/<run.name>/data/ when it holds a finished build of the same config, else builds."""
     if kind not in KIND_OUTPUTS:
         raise AlignError(f"data kind must be one of {', '.join(KIND_OUTPUTS)}, got {kind!r}")
     train_name, eval_name = KIND_OUTPUTS[kind]
-    on_policy = kind == "preference" and generate_fn is not None and cfg.data.rejected_source == "policy"
-    info = None if on_policy else _reusable(cfg)
+    info = _reusable(cfg)
     if info is not None:
         out = data_dir(cfg)
         log.info("data: reusing the build in %s", out)
@@ -570,7 +569,7 @@ def load(cfg, kind: str, tokenizer=None, *, generate_fn=None) -> tuple[list, lis
         train = _read_jsonl(out / f"{train_name}.jsonl") if train_name else []
         evals = _read_jsonl(out / f"{eval_name}.jsonl")
     else:
-        built = build(cfg, tokenizer, generate_fn=generate_fn)
+        built = build(cfg, tokenizer)
         train = getattr(built, train_name) if train_name else []
         evals = getattr(built, eval_name)
     if train_name and not train:

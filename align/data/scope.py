@@ -7,9 +7,9 @@ otherwise it is in scope, and it teaches an answer only when it carries a respon
 - SFT: refuse rows -> a refusal from the right template list (crisis for self-harm categories,
   unsafe for unsafe/*, refusal with {topic} otherwise); in-scope rows with a response -> that answer.
 - DPO: refuse rows -> chosen a refusal, rejected a compliant answer (the row's own harmful response
-  when it has one, else a compliant template, or the policy's own answer via generate_fn);
+  when it has one, else a compliant template; with_policy_rejected swaps in the policy's own answer);
   in-scope rows with a response -> chosen the answer, rejected an unnecessary refusal, so DPO does
-  not teach over-refusal.
+  not teach over-refusal. Every pair carries "refuse" (which side of the scope its prompt is on).
 - Prompt-only rows (PPO rollouts) from every row.
 """
 
@@ -161,29 +161,39 @@ def sft_examples(rows: list, scope, rng: random.Random) -> list:
     return out
 
 
-def preference_pairs(rows: list, scope, rng: random.Random, generate_fn=None) -> list:
-    """DPO pairs. With generate_fn(list of prompt messages) -> list[str] (data.rejected_source=policy),
-    the model being trained writes the rejected answers of refuse pairs (on-policy negatives)."""
-    out, need_policy = [], []
+def preference_pairs(rows: list, scope, rng: random.Random) -> list:
+    """DPO pairs: refusal over compliance for refuse rows, the answer over a needless refusal in scope."""
+    out = []
     for row in rows:
         prompt = prompt_messages(row, scope)
         if is_refuse(row):
-            chosen = refusal(row, scope, rng)
             # the row's own harmful compliance (guard datasets) beats any template
             rejected = row.get("response") or compliant(row["prompt"], rng)
-            out.append({"prompt": prompt, "chosen": _assistant(chosen), "rejected": _assistant(rejected), **_src(row)})
-            if generate_fn is not None:
-                need_policy.append(len(out) - 1)
+            out.append({"prompt": prompt, "chosen": _assistant(refusal(row, scope, rng)),
+                        "rejected": _assistant(rejected), "refuse": True, **_src(row)})
         elif row.get("response"):
             out.append({"prompt": prompt, "chosen": _assistant(row["response"]),
-                        "rejected": _assistant(unnecessary_refusal(row, scope, rng)), **_src(row)})
-    if need_policy:
-        answers = generate_fn([out[i]["prompt"] for i in need_policy])
-        for i, text in zip(need_policy, answers):
-            # an empty generation (or a refusal identical to chosen) keeps the template rejected
-            if text and text.strip() and text.strip() != out[i]["chosen"][0]["content"]:
-                out[i]["rejected"] = _assistant(text.strip())
+                        "rejected": _assistant(unnecessary_refusal(row, scope, rng)), "refuse": False, **_src(row)})
     return out
+
+
+def with_policy_rejected(pairs: list, generate_fn, is_refusal) -> tuple[list, int]:
+    """On-policy negatives (data.rejected_source=policy): generate_fn(prompts) -> answers writes the policy's own
+    answer to each refuse pair's prompt, and where the policy complies that answer becomes the rejected side.
+    A templated "Sure! Here's..." is off-policy, so pushing it down barely moves what the model really says.
+    Where the policy already refuses (is_refusal(prompt, answer)), the template stays: a refusal must never be
+    the rejected side of a refuse pair. Returns (pairs, number swapped)."""
+    idx = [i for i, p in enumerate(pairs) if p.get("refuse")]
+    if not idx:
+        return pairs, 0
+    answers = generate_fn([pairs[i]["prompt"] for i in idx])
+    out, swapped = list(pairs), 0
+    for i, text in zip(idx, answers):
+        text = (text or "").strip()
+        if text and not is_refusal(pairs[i]["prompt"][-1]["content"], text):
+            out[i] = {**pairs[i], "rejected": _assistant(text)}
+            swapped += 1
+    return out, swapped
 
 
 def prompt_rows(rows: list, scope) -> list:

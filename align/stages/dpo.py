@@ -20,21 +20,26 @@ log = logging.getLogger(__name__)
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
 
-def policy_writer(cfg, model, tokenizer):
-    """data.rejected_source=policy: the SFT policy itself writes the compliant answers that refusal pairs
-    reject (on-policy negatives), sampled so they read like what it would really say."""
-    if cfg.data.rejected_source != "policy":
-        return None
+def policy_negatives(cfg, model, tokenizer, pairs: list) -> tuple[list, int]:
+    """data.rejected_source=policy: the SFT policy answers each refuse pair's prompt, and where it complies
+    (by the keyword judge) its own answer becomes the rejected side (see scope.with_policy_rejected)."""
+    from align.data.scope import with_policy_rejected
+    from align.evaluation.judges import REFUSED, make_judge
+
+    judge = make_judge("keyword")
 
     def write(prompts: list[list[dict]]) -> list[str]:
         texts, stats = chat_generate(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.eval.batch_size, do_sample=True, temperature=0.8,
-                                     desc="writing on-policy rejected answers")
+                                     batch_size=cfg.eval.batch_size, desc="on-policy rejected answers")
         log.info("on-policy negatives: %d answers at %.1f tokens/s", len(texts), stats["tokens_per_second"])
-        model.train()
         return texts
 
-    return write
+    pairs, swapped = with_policy_rejected(
+        pairs, write, lambda prompt, answer: judge.judge([prompt], [answer])[0] == REFUSED)
+    model.train()
+    log.info("on-policy negatives: the policy complied with %d of %d refuse prompts; those answers are the "
+             "rejected side, the rest keep the template", swapped, sum(1 for p in pairs if p.get("refuse")))
+    return pairs, swapped
 
 
 def rows_for_steps(cfg, rows: list) -> list:
@@ -58,7 +63,11 @@ def train_from_sft(cfg, stage: str, config_cls, trainer_cls, to_rows=lambda rows
     tokenizer = models.load_tokenizer(cfg.model)
     model = models.load_model(cfg, "causal", tokenizer)
     model = adapters.attach(model, cfg.peft, "CAUSAL_LM", init_from=str(sft_dir))
-    pairs_train, pairs_eval = recipes.load(cfg, "preference", tokenizer, generate_fn=policy_writer(cfg, model, tokenizer))
+    pairs_train, pairs_eval = recipes.load(cfg, "preference", tokenizer)
+    swapped = None
+    if cfg.data.rejected_source == "policy":
+        # generation is the costly part: only for the pairs training reaches (eval pairs keep the fixed templates)
+        pairs_train, swapped = policy_negatives(cfg, model, tokenizer, rows_for_steps(cfg, pairs_train))
     train_rows, eval_rows = to_rows(pairs_train), to_rows(pairs_eval)
     available, train_rows = len(train_rows), rows_for_steps(cfg, train_rows)
     if len(train_rows) < available:
@@ -87,6 +96,8 @@ def train_from_sft(cfg, stage: str, config_cls, trainer_cls, to_rows=lambda rows
     metrics = training.train(trainer, cfg, out)
     metrics.update(kept)
     metrics["data/train_rows_available"] = available
+    if swapped is not None:
+        metrics["data/on_policy_rejected"] = swapped
     last = [h for h in trainer.state.log_history if any(k in h for k in REWARD_KEYS)]
     if last:
         metrics.update({f"train/{k}": last[-1][k] for k in REWARD_KEYS if k in last[-1]})
