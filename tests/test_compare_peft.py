@@ -1,0 +1,65 @@
+"""scripts/compare_peft.py on the tiny model: one child per method, a table row each (a failure is a row too),
+a PNG chart and the raw JSON; non-zero exit only when every method fails."""
+
+import json
+import math
+import subprocess
+import sys
+
+from conftest import ROOT
+
+SCRIPT = ROOT / "scripts" / "compare_peft.py"
+FAST = ["--model", "tiny", "--steps", "2", "--rows", "16", "--batch", "2", "--max-length", "64", "--threads", "1"]
+
+
+def compare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *FAST, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def table_rows(md: str) -> dict[str, list[str]]:
+    rows = [line.strip("|").split("|") for line in md.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}  # rows[0]: the header
+
+
+def test_compare_writes_table_chart_and_json_and_keeps_going_past_failures(tmp_path):
+    md = tmp_path / "cmp.md"
+    # the tiny Llama has no biases, so bitfit fails for real; nonexistent is no peft= option at all
+    res = compare("--methods", "lora,full,bitfit,nonexistent", "--lr", "full=1e-4", "--out-md", str(md),
+                  "trainer.logging_steps=1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = md.read_text()
+    assert "--methods lora,full,bitfit,nonexistent" in text  # the command that produced it
+    rows = table_rows(text)
+    assert list(rows) == ["lora", "full", "bitfit", "nonexistent"]
+    for method in ("lora", "full"):
+        cells = rows[method]
+        assert len(cells) == 10, cells
+        for cell in cells:  # every cell a number (the size cell names the folder it measured)
+            assert math.isfinite(float(cell.split(" (")[0].replace(",", ""))), (method, cell)
+    assert rows["bitfit"][0] == "failed: model has no bias parameters; bitfit needs a model with biases"
+    assert rows["nonexistent"][0].startswith("failed: unknown option 'nonexistent' for peft=")
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](cmp.png)" in text
+
+    results = {r["method"]: r for r in json.loads((tmp_path / "cmp.json").read_text())["results"]}
+    lora, full = results["lora"], results["full"]
+    assert lora["ok"] and full["ok"] and not results["bitfit"]["ok"] and not results["nonexistent"]["ok"]
+    assert 0 < lora["trainable_params"] < lora["total_params"]
+    assert full["trainable_params"] == full["total_params"] > 0 and full["trainable_share"] == 1.0
+    assert rows["full"][1] == "100"
+    # both train the same base: LoRA's total is the base plus its adapter, which is all it trains
+    assert lora["total_params"] - lora["trainable_params"] == full["total_params"]
+    assert (lora["saved"], full["saved"]) == ("adapter", "model") and 0 < lora["size_mb"] < full["size_mb"]
+    assert (lora["lr"], full["lr"]) == (3e-4, 1e-4)  # the LR table, with --lr changing one entry
+    assert lora["logging_steps"] == full["logging_steps"] == 1  # extra overrides reach every child
+    assert lora["train/global_step"] == full["train/global_step"] == 2
+    assert all(r["s_per_step"] > 0 and r["max_rss_mb"] > 0 and math.isfinite(r["eval_loss"]) for r in (lora, full))
+
+
+def test_compare_fails_when_every_method_fails(tmp_path):
+    md = tmp_path / "cmp.md"
+    res = compare("--methods", "nonexistent", "--out-md", str(md))
+    assert res.returncode != 0
+    assert "unknown option 'nonexistent'" in res.stderr and "every method failed" in res.stderr
+    assert not md.exists()
