@@ -138,7 +138,8 @@ class RmConfig:
 @dataclass
 class DpoConfig:
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: Any = "sigmoid"
+    loss_weights: Optional[List[float]] = None
     label_smoothing: float = 0.0
     precompute_ref: bool = True
 

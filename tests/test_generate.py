@@ -53,3 +53,20 @@ def test_switching_adapters_matches_each_adapter_alone(tmp_path):
 def test_no_prompts_is_a_clear_error(tmp_path):
     with pytest.raises(AlignError, match="no prompts"):
         run_stage(tmp_path, "stage=generate", *TINY, "scope=none", "run.name=g")
+
+
+def test_refusal_openers_are_suppressed_only_at_the_first_token(tmp_path):
+    """On-policy negatives: how the policy answers when it may not open with a refusal."""
+    from align import models
+    from align.generation import chat_generate
+    from align.stages.dpo import refusal_openers
+
+    cfg = compose(tmp_path, *TINY, "scope=tax_assistant")
+    tok = models.load_tokenizer(cfg.model)
+    assert refusal_openers(cfg, tok) == tok("Sorry", add_special_tokens=False)["input_ids"][:1]
+    model = models.load_model(cfg, "causal", tok)
+    convs = [[{"role": "user", "content": "What is a W-2?"}]]
+    plain, _ = chat_generate(model, tok, convs, max_new_tokens=4)
+    first = tok(plain[0], add_special_tokens=False)["input_ids"][0]
+    held, _ = chat_generate(model, tok, convs, max_new_tokens=4, begin_suppress_tokens=[first])
+    assert tok(held[0], add_special_tokens=False)["input_ids"][0] != first

@@ -20,17 +20,30 @@ log = logging.getLogger(__name__)
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
 
+def refusal_openers(cfg, tokenizer) -> list[int]:
+    """First tokens of the scope's refusal and unsafe templates (crisis replies open like ordinary answers)."""
+    from align.data import scope as scope_mod
+
+    templates = [*(cfg.scope.refusal_templates or scope_mod.DEFAULT_REFUSALS),
+                 *(cfg.scope.unsafe_templates or scope_mod.DEFAULT_UNSAFE)]
+    return sorted({tokenizer(t.strip(), add_special_tokens=False)["input_ids"][0] for t in templates if t.strip()})
+
+
 def policy_negatives(cfg, model, tokenizer, pairs: list) -> tuple[list, int]:
-    """data.rejected_source=policy: the SFT policy answers each refuse pair's prompt, and where it complies
-    (by the keyword judge) its own answer becomes the rejected side (see scope.with_policy_rejected)."""
+    """data.rejected_source=policy: the SFT policy answers each refuse pair's prompt with its refusal openers
+    suppressed at the first token, i.e. how it would comply; where that answer does comply (keyword judge) it
+    becomes the rejected side (see scope.with_policy_rejected). The in-scope pairs' rejected refusals are already
+    what a policy trained on those templates says, so both sides of DPO push on the policy's own behaviour."""
     from align.data.scope import with_policy_rejected
     from align.evaluation.judges import REFUSED, make_judge
 
     judge = make_judge("keyword")
+    suppress = refusal_openers(cfg, tokenizer)
 
     def write(prompts: list[list[dict]]) -> list[str]:
         texts, stats = chat_generate(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.eval.batch_size, desc="on-policy rejected answers")
+                                     batch_size=cfg.eval.batch_size, desc="on-policy rejected answers",
+                                     begin_suppress_tokens=suppress)
         log.info("on-policy negatives: %d answers at %.1f tokens/s", len(texts), stats["tokens_per_second"])
         return texts
 
@@ -116,5 +129,10 @@ def train_from_sft(cfg, stage: str, config_cls, trainer_cls, to_rows=lambda rows
 def run(cfg) -> dict:
     from trl import DPOConfig, DPOTrainer
 
-    return train_from_sft(cfg, "dpo", DPOConfig, DPOTrainer,
-                          loss_type=[cfg.dpo.loss_type], label_smoothing=cfg.dpo.label_smoothing)
+    losses = cfg.dpo.loss_type
+    losses = [losses] if isinstance(losses, str) else list(losses)
+    weights = list(cfg.dpo.loss_weights) if cfg.dpo.loss_weights is not None else None
+    if weights is not None and len(weights) != len(losses):
+        raise AlignError(f"dpo.loss_weights: {len(weights)} weights for {len(losses)} loss types {losses}")
+    return train_from_sft(cfg, "dpo", DPOConfig, DPOTrainer, loss_type=losses, loss_weights=weights,
+                          label_smoothing=cfg.dpo.label_smoothing)
