@@ -66,7 +66,11 @@ def test_refusal_openers_are_suppressed_only_at_the_first_token(tmp_path):
     assert refusal_openers(cfg, tok) == tok("Sorry", add_special_tokens=False)["input_ids"][:1]
     model = models.load_model(cfg, "causal", tok)
     convs = [[{"role": "user", "content": "What is a W-2?"}]]
+    text = tok.apply_chat_template(convs[0], tokenize=False, add_generation_prompt=True)
+    with torch.no_grad():
+        first = int(model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, -1].argmax())
     plain, _ = chat_generate(model, tok, convs, max_new_tokens=4)
-    first = tok(plain[0], add_special_tokens=False)["input_ids"][0]
     held, _ = chat_generate(model, tok, convs, max_new_tokens=4, begin_suppress_tokens=[first])
-    assert tok(held[0], add_special_tokens=False)["input_ids"][0] != first
+    assert held[0] != plain[0]  # greedy: the same prompt differs only because its top first token was barred
+    with_first, _ = chat_generate(model, tok, convs, max_new_tokens=4, begin_suppress_tokens=[first + 1])
+    assert with_first == plain  # barring a token greedy would not pick changes nothing

@@ -122,3 +122,8 @@ def test_on_policy_rejected_answers_come_from_the_model(sft_run):
     assert m["train/global_step"] == 1
     # the barely trained tiny policy babbles rather than refuses, so its answers replace templates
     assert m["data/on_policy_rejected"] > 0
+
+
+def test_dpo_loss_weights_must_match_the_loss_types(sft_run):
+    with pytest.raises(AlignError, match=r"dpo.loss_weights: 1 weights for 2 loss types"):
+        run_stage(sft_run, "stage=dpo", *COMMON, "run.name=p", "dpo.loss_type=[sigmoid,sft]", "dpo.loss_weights=[1.0]")
