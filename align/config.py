@@ -205,11 +205,23 @@ class EvalConfig:
 
 
 @dataclass
+class StageOverrides:
+    data: List[str] = field(default_factory=list)
+    sft: List[str] = field(default_factory=list)
+    rm: List[str] = field(default_factory=list)
+    dpo: List[str] = field(default_factory=list)
+    kto: List[str] = field(default_factory=list)
+    ppo: List[str] = field(default_factory=list)
+    grpo: List[str] = field(default_factory=list)
+    safety_eval: List[str] = field(default_factory=list)
+
+
+@dataclass
 class PipelineConfig:
     policy: str = "dpo"
     force: Any = False
     stages: Optional[List[str]] = None
-    overrides: Dict[str, List[str]] = field(default_factory=dict)
+    overrides: StageOverrides = field(default_factory=StageOverrides)
 
 
 @dataclass

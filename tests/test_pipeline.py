@@ -14,7 +14,7 @@ FAST = [*TINY, "data.max_rows=16", "trainer.max_steps=2", "trainer.max_length=32
 
 
 def test_pipeline_runs_chain_then_skips(tmp_path, capsys):
-    run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe", 'pipeline.overrides={sft:["trainer.max_steps=3"]}')
+    run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe", 'pipeline.overrides.sft=["trainer.max_steps=3"]')
     root = tmp_path / "pipe"
     for stage in ("data", "sft", "rm", "dpo", "safety_eval"):
         assert (root / stage / "manifest.json").exists(), stage
@@ -47,7 +47,7 @@ def test_failing_stage_stops_with_one_line_and_rerun_resumes(tmp_path):
 
 def test_overrides_for_a_stage_outside_the_chain_are_rejected(tmp_path):
     with pytest.raises(AlignError, match="pipeline.overrides: 'ppo'"):
-        run_stage(tmp_path, "stage=pipeline", *FAST, 'pipeline.overrides={ppo:["trainer.max_steps=3"]}')
+        run_stage(tmp_path, "stage=pipeline", *FAST, 'pipeline.overrides.ppo=["trainer.max_steps=3"]')
 
 
 def test_unknown_policy_is_rejected(tmp_path):

@@ -116,11 +116,24 @@ def test_kto_from_sft_on_unpaired_rows(sft_run):
     assert not (sft_run / "p" / "kto" / "adapter" / "ref").exists()
 
 
-def test_on_policy_rejected_answers_come_from_the_model(sft_run):
-    m = run_stage(sft_run, "stage=dpo", *COMMON, "run.name=p", "trainer.max_steps=1", "run.overwrite=true",
-                  "data.rejected_source=policy", "eval.max_new_tokens=6", "data.max_rows=8")
-    assert m["train/global_step"] == 1
-    # the barely trained tiny policy babbles rather than refuses, so its answers replace templates
+def test_on_policy_rejected_answers_come_from_the_model(sft_run, monkeypatch):
+    """The stage asks the policy for its answers with the refusal opener barred and keeps the compliant ones.
+    The tiny policy's few tokens are noise, so its generator is replaced; test_generate covers the real one."""
+    from align.stages import dpo
+
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, **kw):
+        calls.append(kw)  # every other answer complies, the rest refuse
+        texts = ["Sure, here is a long and detailed answer about that topic for you." if i % 2 else
+                 "Sorry, I can only help with tax questions." for i in range(len(prompts))]
+        return texts, {"tokens_per_second": 1.0}
+
+    monkeypatch.setattr(dpo, "chat_generate", fake_generate)
+    m = run_stage(sft_run, "stage=dpo", *COMMON, "run.name=p", "trainer.max_steps=2", "run.overwrite=true",
+                  "data.rejected_source=policy", "data.max_rows=32")
+    assert m["train/global_step"] == 2
+    assert calls and calls[0]["begin_suppress_tokens"]  # the scope's refusal opener is barred
     assert m["data/on_policy_rejected"] > 0
 
 

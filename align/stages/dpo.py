@@ -77,12 +77,13 @@ def train_from_sft(cfg, stage: str, config_cls, trainer_cls, to_rows=lambda rows
     model = models.load_model(cfg, "causal", tokenizer)
     model = adapters.attach(model, cfg.peft, "CAUSAL_LM", init_from=str(sft_dir))
     pairs_train, pairs_eval = recipes.load(cfg, "preference", tokenizer)
+    available = len(to_rows(pairs_train))
     swapped = None
     if cfg.data.rejected_source == "policy":
         # generation is the costly part: only for the pairs training reaches (eval pairs keep the fixed templates)
         pairs_train, swapped = policy_negatives(cfg, model, tokenizer, rows_for_steps(cfg, pairs_train))
     train_rows, eval_rows = to_rows(pairs_train), to_rows(pairs_eval)
-    available, train_rows = len(train_rows), rows_for_steps(cfg, train_rows)
+    train_rows = rows_for_steps(cfg, train_rows)
     if len(train_rows) < available:
         # with precomputed reference log-probs, rows training never reaches would cost a forward each
         log.info("%s: trainer.max_steps=%d uses %d of %d train rows (already shuffled)", stage,
@@ -131,7 +132,8 @@ def run(cfg) -> dict:
 
     losses = cfg.dpo.loss_type
     losses = [losses] if isinstance(losses, str) else list(losses)
-    weights = list(cfg.dpo.loss_weights) if cfg.dpo.loss_weights is not None else None
+    # weights belong to a list of losses; a single loss type (dpo.loss_type=ipo) runs unweighted
+    weights = list(cfg.dpo.loss_weights) if cfg.dpo.loss_weights is not None and len(losses) > 1 else None
     if weights is not None and len(weights) != len(losses):
         raise AlignError(f"dpo.loss_weights: {len(weights)} weights for {len(losses)} loss types {losses}")
     return train_from_sft(cfg, "dpo", DPOConfig, DPOTrainer, loss_type=losses, loss_weights=weights,

@@ -55,7 +55,7 @@ def compose_stage(cfg, stage: str, extra: list[str]):
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    own = list((cfg.pipeline.overrides or {}).get(stage) or [])
+    own = list(cfg.pipeline.overrides.get(stage) or [])
     overrides = [*user_overrides(), *own, f"stage={stage}", f"run.name={cfg.run.name}",
                  f"run.output_dir={cfg.run.output_dir}", *extra]
     if GlobalHydra.instance().is_initialized():
@@ -69,7 +69,7 @@ def run(cfg) -> dict:
 
     stages = chain(cfg)
     redo = forced(cfg, stages)
-    unknown = [s for s in (cfg.pipeline.overrides or {}) if s not in stages]
+    unknown = [s for s, o in cfg.pipeline.overrides.items() if o and s not in stages]
     if unknown:
         raise AlignError(f"pipeline.overrides: {unknown[0]!r} is not in this pipeline ({', '.join(stages)})")
     timings: dict[str, float | str] = {}
