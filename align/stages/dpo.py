@@ -77,13 +77,13 @@ def train_from_sft(cfg, stage: str, config_cls, trainer_cls, to_rows=lambda rows
     model = models.load_model(cfg, "causal", tokenizer)
     model = adapters.attach(model, cfg.peft, "CAUSAL_LM", init_from=str(sft_dir))
     pairs_train, pairs_eval = recipes.load(cfg, "preference", tokenizer)
-    available = len(to_rows(pairs_train))
-    swapped = None
+    train_rows = to_rows(pairs_train)
+    available, swapped = len(train_rows), None
     if cfg.data.rejected_source == "policy":
         # generation is the costly part: only for the pairs training reaches (eval pairs keep the fixed templates)
         pairs_train, swapped = policy_negatives(cfg, model, tokenizer, rows_for_steps(cfg, pairs_train))
-    train_rows, eval_rows = to_rows(pairs_train), to_rows(pairs_eval)
-    train_rows = rows_for_steps(cfg, train_rows)
+        train_rows = to_rows(pairs_train)
+    train_rows, eval_rows = rows_for_steps(cfg, train_rows), to_rows(pairs_eval)
     if len(train_rows) < available:
         # with precomputed reference log-probs, rows training never reaches would cost a forward each
         log.info("%s: trainer.max_steps=%d uses %d of %d train rows (already shuffled)", stage,

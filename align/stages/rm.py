@@ -70,8 +70,8 @@ def fit_pairs(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
     which would leave mostly short refusal pairs; the preference shows in the opening tokens anyway."""
     out = []
     for row in rows:
-        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-        prompt = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        head = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        prompt = len(tokenizer(head, add_special_tokens=False)["input_ids"])
         budget = max_length - prompt - 4  # end-of-turn tokens the template adds after the answer
         if budget < 8:
             out.append(row)  # the prompt alone is too long: TRL drops it and count_kept reports it
