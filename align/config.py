@@ -28,6 +28,7 @@ class ModelConfig:
     name_or_path: str = "align://smollm2-135m-instruct"
     revision: Optional[str] = None
     dtype: str = "auto"
+    cpu_bf16: Any = "auto"
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None
     chat_template: Optional[str] = None

@@ -9,9 +9,11 @@ from tqdm.auto import tqdm
 @torch.no_grad()
 def chat_generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
                   batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                  desc: str = "generating", begin_suppress_tokens: list[int] | None = None) -> tuple[list[str], dict]:
+                  desc: str = "generating", begin_suppress_tokens: list[int] | None = None,
+                  cpu_bf16: bool = False) -> tuple[list[str], dict]:
     """Answer each conversation; returns the texts and throughput stats (tokens/s). begin_suppress_tokens may
-    not be the first generated token (how the policy would answer if it did not open with a refusal)."""
+    not be the first generated token (how the policy would answer if it did not open with a refusal).
+    cpu_bf16: generate under bf16 autocast on the CPU (see models.cpu_autocast)."""
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # new tokens must follow every prompt directly
@@ -32,7 +34,8 @@ def chat_generate(model, tokenizer, conversations: list[list[dict]], max_new_tok
                 kwargs.update(temperature=temperature, top_p=top_p)
             if begin_suppress_tokens:
                 kwargs.update(begin_suppress_tokens=list(begin_suppress_tokens))
-            out = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1]:]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
+                out = model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1]:]
             for i, row in zip(idx, out):
                 keep = row[row != tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else row
                 new_tokens += int(keep.numel())

@@ -40,6 +40,29 @@ def pick_dtype(name: str) -> torch.dtype:
         raise AlignError(f"model.dtype: expected auto, float32, bfloat16 or float16, got {name!r}") from None
 
 
+def native_cpu_bf16(cpuinfo: str | None = None) -> bool:
+    """Does this CPU compute bf16 natively (AVX512-BF16 or AMX)? Elsewhere bf16 is emulated and slower."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpuinfo.split()))
+
+
+def cpu_autocast(cfg) -> bool:
+    """model.cpu_bf16: run CPU matmuls in bf16 under autocast (weights stay fp32). auto = on CPUs with native
+    bf16, off for QLoRA (bitsandbytes' CPU kernels) and wherever CUDA is used (model.dtype governs there)."""
+    value = cfg.model.cpu_bf16
+    if value not in ("auto", True, False):
+        raise AlignError(f"model.cpu_bf16: expected auto, true or false, got {value!r}")
+    if torch.cuda.is_available() or value is False:
+        return False
+    if value == "auto":
+        return native_cpu_bf16() and not cfg.peft.load_in_4bit and pick_dtype(cfg.model.dtype) == torch.float32
+    return True
+
+
 def resolve(name_or_path: str) -> str:
     """Turn model.name_or_path into something `from_pretrained` takes: a folder or a hub id."""
     if name_or_path.startswith("align://"):

@@ -77,6 +77,8 @@ _OFFER = [
     r"\b(?:feel free|let me know|ask away|just ask|ask me|bring me|is there (?:anything|a|something)|got a (?:tax )?"
     r"question|would (?:that|you like)|if you have (?:any |other |more |a )?(?:tax|questions?))",
     r"\bwhat (?:would you like|can i do|i can do)\b",
+    # an "If you ..., I can [help]" redirect cut off by the token budget: only the last, unfinished segment ends so
+    r"^if you\b[^.!?]*,(?:\s*i(?: can| could|'d| would|'m| am|'ll| will)?)?\s*$",
 ]
 _REFERRAL = [
     r"\b(?:please )?(?:contact|call|consult|see|ask|talk to|speak (?:to|with)|reach out to|check with)\b.{0,40}"

@@ -537,8 +537,9 @@ def train(policy_value: PolicyValue, tokenizer, prompts: list, reward_fn: Callab
         # train mode throughout (dropout is off, so it is deterministic): in eval mode bitsandbytes repacks 4-bit
         # weights for CPU inference, after which QLoRA gradients no longer flow through the base layers
         policy_value.train()
-        batch = rollout(model, tokenizer, rows, gen)
-        data = score_rollout(policy_value, batch, reward_fn, state, pcfg, accelerator, micro)
+        with accelerator.autocast():  # same precision as the training forward, so old/new log-probs compare
+            batch = rollout(model, tokenizer, rows, gen)
+            data = score_rollout(policy_value, batch, reward_fn, state, pcfg, accelerator, micro)
         mask = batch.response_mask
         ids, attn, R = batch.input_ids, batch.attention_mask, batch.response_ids.shape[1]
 

@@ -43,7 +43,7 @@ def policy_negatives(cfg, model, tokenizer, pairs: list) -> tuple[list, int]:
     def write(prompts: list[list[dict]]) -> list[str]:
         texts, stats = chat_generate(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
                                      batch_size=cfg.eval.batch_size, desc="on-policy rejected answers",
-                                     begin_suppress_tokens=suppress)
+                                     begin_suppress_tokens=suppress, cpu_bf16=models.cpu_autocast(cfg))
         log.info("on-policy negatives: %d answers at %.1f tokens/s", len(texts), stats["tokens_per_second"])
         return texts
 

@@ -73,7 +73,8 @@ def answer(model, tokenizer, cfg, prompts: list[str], adapter: str | None) -> li
     if adapter is not None:
         model.set_adapter(adapter)
     texts, _ = chat_generate(model, tokenizer, convs, cfg.generate.max_new_tokens, batch_size=cfg.eval.batch_size,
-                             do_sample=cfg.generate.do_sample, desc=f"answering ({adapter or 'base'})")
+                             do_sample=cfg.generate.do_sample, desc=f"answering ({adapter or 'base'})",
+                             cpu_bf16=models.cpu_autocast(cfg))
     return texts
 
 

@@ -23,6 +23,7 @@ def accelerator_for(cfg):
     from accelerate import Accelerator
 
     return Accelerator(cpu=not torch.cuda.is_available(),
+                       mixed_precision="bf16" if models.cpu_autocast(cfg) else "no",
                        gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps)
 
 
@@ -85,7 +86,8 @@ def run(cfg) -> dict:
     shard = encoded[accelerator.process_index::accelerator.num_processes]
     results = {}
     for name, adapter in (("sft", ppo.REF), ("ppo", ppo.POLICY)):
-        r = ppo.evaluate(model, tokenizer, shard, reward_fn, adapter, cfg.ppo.max_new_tokens, cfg.eval.batch_size)
+        with accelerator.autocast():
+            r = ppo.evaluate(model, tokenizer, shard, reward_fn, adapter, cfg.ppo.max_new_tokens, cfg.eval.batch_size)
         results[name] = {k: gather_object(v) for k, v in r.items()}
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     history = state.history

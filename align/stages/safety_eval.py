@@ -90,7 +90,8 @@ def run(cfg) -> dict:
     gold = judges.score_on_gold(judge, judges.load_rows(GOLD))
     tracker = tracking.start(cfg, "safety_eval")
 
-    gen = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, do_sample=cfg.eval.do_sample)
+    gen = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, do_sample=cfg.eval.do_sample,
+               cpu_bf16=models.cpu_autocast(cfg))
     results, speed = {}, {}
     responses, speed["after"] = chat_generate(model, tokenizer, convs, desc="answering (after)", **gen)
     results["after"] = judged(rows, responses, judge.judge([r["prompt"] for r in rows], responses),
