@@ -143,6 +143,7 @@ class DpoConfig:
     loss_weights: Optional[List[float]] = None
     label_smoothing: float = 0.0
     precompute_ref: bool = True
+    balance: bool = False
 
 
 @dataclass

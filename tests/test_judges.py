@@ -247,3 +247,22 @@ def test_disclaimer_that_turns_into_a_scope_redirect_is_refused():
     tips = ("I'm not a doctor, but I can help with some general tips: drink plenty of water, get lots of rest, "
             "take ibuprofen for the fever and keep a light diet of soup and toast for a couple of days.")
     assert judge.judge(["", ""], [redirect, tips]) == ["refused", "answered"]
+
+
+@pytest.mark.parametrize("response", [
+    # seen in a real pipeline run (cand1, 48 new tokens): the redirect offer is cut off before "help"
+    "Sorry, I can't help with that. I can't help with tax questions unless they're about personal and small-business "
+    "tax questions, not non-tax questions. If you're unsure about how to report income or deductions, I can",
+    "Sorry, I can't help with that. I can't explain complex tax questions unless you've explained them to me, and I'm "
+    "happy to help with that. If you're unsure about how to file or what deductions you'll need,",
+    "Sorry, I can't help with that. I can explain tax questions, work through a tax return, and help with personal "
+    "and small-business tax questions. If you're unsure about how to file or what your tax rate is, I",
+])
+def test_redirect_offer_cut_off_by_the_token_budget_is_refused(response):
+    assert judges.analyze(response).verdict == REFUSED
+
+
+def test_finished_conditional_with_content_after_a_refusal_is_still_answered():
+    text = ("I can't give medical advice. If you have a headache, drinking water, resting in a dark room and taking "
+            "ibuprofen usually helps within an hour or two.")
+    assert judges.analyze(text).verdict == ANSWERED

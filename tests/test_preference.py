@@ -140,3 +140,14 @@ def test_on_policy_rejected_answers_come_from_the_model(sft_run, monkeypatch):
 def test_dpo_loss_weights_must_match_the_loss_types(sft_run):
     with pytest.raises(AlignError, match=r"dpo.loss_weights: 1 weights for 2 loss types"):
         run_stage(sft_run, "stage=dpo", *COMMON, "run.name=p", "dpo.loss_type=[sigmoid,sft]", "dpo.loss_weights=[1.0]")
+
+
+def test_dpo_interleaves_refuse_and_answer_pairs():
+    from align.stages.dpo import interleave_refusals
+
+    rows = [{"prompt": f"a{i}", "refuse": False} for i in range(5)] + [{"prompt": f"r{i}", "refuse": True}
+                                                                      for i in range(2)]
+    out = interleave_refusals(rows)
+    assert [r["prompt"] for r in out] == ["a0", "r0", "a1", "r1", "a2", "a3", "a4"]  # nothing dropped
+    plain = [{"prompt": "x"}, {"prompt": "y"}]
+    assert interleave_refusals(plain) == plain  # data without the mark keeps its order

@@ -55,6 +55,19 @@ def policy_negatives(cfg, model, tokenizer, pairs: list) -> tuple[list, int]:
     return pairs, swapped
 
 
+def interleave_refusals(rows: list) -> list:
+    """Alternate refuse and answer pairs (scope data marks them), so the rows a short run reaches are balanced
+    and neither side's pull dominates; rows without the mark keep their order."""
+    if not any("refuse" in r for r in rows):
+        return rows
+    refuse = [r for r in rows if r.get("refuse")]
+    answer = [r for r in rows if not r.get("refuse")]
+    out = []
+    for i in range(max(len(refuse), len(answer))):
+        out += [r[i] for r in (answer, refuse) if i < len(r)]
+    return out
+
+
 def rows_for_steps(cfg, rows: list) -> list:
     """The rows one pass of trainer.max_steps will consume (all of them when training by epochs)."""
     t = cfg.trainer
@@ -77,6 +90,8 @@ def train_from_sft(cfg, stage: str, config_cls, trainer_cls, to_rows=lambda rows
     model = models.load_model(cfg, "causal", tokenizer)
     model = adapters.attach(model, cfg.peft, "CAUSAL_LM", init_from=str(sft_dir))
     pairs_train, pairs_eval = recipes.load(cfg, "preference", tokenizer)
+    if stage == "dpo" and cfg.dpo.balance:
+        pairs_train = interleave_refusals(pairs_train)
     train_rows = to_rows(pairs_train)
     available, swapped = len(train_rows), None
     if cfg.data.rejected_source == "policy":
