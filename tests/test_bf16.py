@@ -55,3 +55,11 @@ def test_generation_runs_under_autocast(tmp_path):
     chat_generate(model, tokenizer, convs, max_new_tokens=4, cpu_bf16=False)
     hook.remove()
     assert set(seen) == {torch.float32}
+
+
+def test_ppo_accelerator_follows_the_precision_of_each_run(tmp_path):
+    """Accelerate's state is a per-process singleton: a second run with another precision must not fail."""
+    from align.stages.ppo import accelerator_for
+
+    assert accelerator_for(compose(tmp_path, *SFT_ARGS, "model.cpu_bf16=true")).mixed_precision == "bf16"
+    assert accelerator_for(compose(tmp_path, *SFT_ARGS)).mixed_precision == "no"

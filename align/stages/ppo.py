@@ -21,9 +21,13 @@ log = logging.getLogger(__name__)
 def accelerator_for(cfg):
     """Create the Accelerator first: on CPU under torchrun it must be told cpu=True to use gloo."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    return Accelerator(cpu=not torch.cuda.is_available(),
-                       mixed_precision="bf16" if models.cpu_autocast(cfg) else "no",
+    precision = "bf16" if models.cpu_autocast(cfg) else "no"
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
+        # an earlier run in this process (tests, a notebook) fixed another precision; the state is a singleton
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
                        gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps)
 
 
