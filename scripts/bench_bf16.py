@@ -37,7 +37,7 @@ def train_seconds(cfg, bf16: bool, steps: int, batch: int, length: int) -> tuple
         loss.backward()
         opt.step()
         opt.zero_grad()
-    return (time.perf_counter() - started) / steps, float(loss)
+    return (time.perf_counter() - started) / steps, loss.item()
 
 
 def main() -> None:
