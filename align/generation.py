@@ -6,6 +6,12 @@ import torch
 from tqdm.auto import tqdm
 
 
+def scope_conversations(system_prompt: str | None, prompts: list[str]) -> list[list[dict]]:
+    """One single-turn conversation per prompt, under the scope's system prompt when there is one."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [system + [{"role": "user", "content": p}] for p in prompts]
+
+
 @torch.no_grad()
 def chat_generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
                   batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,

@@ -16,7 +16,7 @@ import torch
 from align import models
 from align.config import compose
 from align.data import recipes
-from align.generation import chat_generate
+from align.generation import chat_generate, scope_conversations
 
 
 def train_seconds(cfg, bf16: bool, steps: int, batch: int, length: int) -> tuple[float, float]:
@@ -58,8 +58,7 @@ def main() -> None:
     tokenizer = models.load_tokenizer(cfg.model)
     model = models.load_model(cfg, "causal", tokenizer)
     rows = recipes.load(cfg, "scope_eval")[1][: args.prompts]
-    convs = [[{"role": "system", "content": cfg.scope.system_prompt}, {"role": "user", "content": r["prompt"]}]
-             for r in rows]
+    convs = scope_conversations(cfg.scope.system_prompt, [r["prompt"] for r in rows])
     gen = {}
     for bf16 in (False, True):
         texts, stats = chat_generate(model, tokenizer, convs, args.max_new_tokens, batch_size=64, cpu_bf16=bf16)

@@ -13,7 +13,7 @@ import torch
 from align import models
 from align.config import compose
 from align.data import recipes
-from align.generation import chat_generate
+from align.generation import chat_generate, scope_conversations
 
 
 def main() -> None:
@@ -28,8 +28,7 @@ def main() -> None:
     model = models.load_model(cfg, "causal", tokenizer)
     rows = recipes.load(cfg, "scope_eval")[1]
     rows = rows[:: max(1, len(rows) // args.prompts)][: args.prompts]
-    convs = [[{"role": "system", "content": cfg.scope.system_prompt}, {"role": "user", "content": r["prompt"]}]
-             for r in rows]
+    convs = scope_conversations(cfg.scope.system_prompt, [r["prompt"] for r in rows])
     # greedy and a fixed budget: both runs do the same work, so tokens/s compare like for like
     torch.manual_seed(0)
     _, one = chat_generate(model, tokenizer, convs, args.max_new_tokens, batch_size=1, desc="one at a time")

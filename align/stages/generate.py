@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from align import AlignError, models, runs
-from align.generation import chat_generate
+from align.generation import chat_generate, scope_conversations
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,7 @@ def load_adapters(model, paths: dict[str, Path]):
 
 
 def answer(model, tokenizer, cfg, prompts: list[str], adapter: str | None) -> list[str]:
-    system = [{"role": "system", "content": cfg.scope.system_prompt}] if cfg.scope.system_prompt else []
-    convs = [system + [{"role": "user", "content": p}] for p in prompts]
+    convs = scope_conversations(cfg.scope.system_prompt, prompts)
     if adapter is not None:
         model.set_adapter(adapter)
     texts, _ = chat_generate(model, tokenizer, convs, cfg.generate.max_new_tokens, batch_size=cfg.eval.batch_size,

@@ -15,7 +15,7 @@ from align import AlignError, models, runs, tracking
 from align.config import SourceConfig
 from align.data import recipes, sources
 from align.evaluation import judges, metrics, report
-from align.generation import chat_generate
+from align.generation import chat_generate, scope_conversations
 
 log = logging.getLogger(__name__)
 GOLD = judges.JUDGE_DATA / "gold.jsonl"
@@ -84,8 +84,7 @@ def run(cfg) -> dict:
     model = models.load_model(cfg, "causal", tokenizer)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
-    system = [{"role": "system", "content": cfg.scope.system_prompt}] if cfg.scope.system_prompt else []
-    convs = [system + [{"role": "user", "content": r["prompt"]}] for r in rows]
+    convs = scope_conversations(cfg.scope.system_prompt, [r["prompt"] for r in rows])
     judge = make_judge(cfg)
     gold = judges.score_on_gold(judge, judges.load_rows(GOLD))
     tracker = tracking.start(cfg, "safety_eval")
