@@ -170,3 +170,13 @@ def count_kept(trainer, cfg, stage: str, n_train: int, n_eval: int) -> dict:
                         stage, n - kept, n, split, cfg.trainer.max_length)
     return {"data/train_rows": n_train, "data/train_rows_used": kept_train,
             "data/eval_rows": n_eval, "data/eval_rows_used": kept_eval}
+
+
+def rows_for_steps(cfg, rows: list) -> list:
+    """The rows one pass of trainer.max_steps will consume (all of them when training by epochs)."""
+    t = cfg.trainer
+    if t.max_steps <= 0:
+        return rows
+    need = t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * (
+        distributed_state().num_processes)
+    return rows[:need]

@@ -59,7 +59,7 @@ def test_refusal_openers_are_suppressed_only_at_the_first_token(tmp_path):
     """On-policy negatives: how the policy answers when it may not open with a refusal."""
     from align import models
     from align.generation import chat_generate
-    from align.stages.dpo import refusal_openers
+    from align.negatives import refusal_openers
 
     cfg = compose(tmp_path, *TINY, "scope=tax_assistant")
     tok = models.load_tokenizer(cfg.model)

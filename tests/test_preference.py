@@ -116,10 +116,12 @@ def test_kto_from_sft_on_unpaired_rows(sft_run):
     assert not (sft_run / "p" / "kto" / "adapter" / "ref").exists()
 
 
-def test_on_policy_rejected_answers_come_from_the_model(sft_run, monkeypatch):
-    """The stage asks the policy for its answers with the refusal opener barred and keeps the compliant ones.
-    The tiny policy's few tokens are noise, so its generator is replaced; test_generate covers the real one."""
-    from align.stages import dpo
+@pytest.mark.parametrize("stage", ["dpo", "rm"])
+def test_on_policy_rejected_answers_come_from_the_model(sft_run, monkeypatch, stage):
+    """The stage asks the SFT policy for its answers with the refusal opener barred and keeps the compliant ones
+    (for rm too, so PPO's reward model has seen the policy's own off-scope answers). The tiny policy's few tokens
+    are noise, so its generator is replaced; test_generate covers the real one."""
+    from align import negatives
 
     calls = []
 
@@ -129,12 +131,14 @@ def test_on_policy_rejected_answers_come_from_the_model(sft_run, monkeypatch):
                  "Sorry, I can only help with tax questions." for i in range(len(prompts))]
         return texts, {"tokens_per_second": 1.0}
 
-    monkeypatch.setattr(dpo, "chat_generate", fake_generate)
-    m = run_stage(sft_run, "stage=dpo", *COMMON, "run.name=p", "trainer.max_steps=2", "run.overwrite=true",
+    monkeypatch.setattr(negatives, "chat_generate", fake_generate)
+    m = run_stage(sft_run, f"stage={stage}", *COMMON, "run.name=p", "trainer.max_steps=2", "run.overwrite=true",
                   "data.rejected_source=policy", "data.max_rows=32")
     assert m["train/global_step"] == 2
     assert calls and calls[0]["begin_suppress_tokens"]  # the scope's refusal opener is barred
     assert m["data/on_policy_rejected"] > 0
+    # only the pairs two steps reach are answered (generation is the costly part)
+    assert m["data/train_rows"] == 8
 
 
 def test_dpo_loss_weights_must_match_the_loss_types(sft_run):

@@ -11,48 +11,12 @@ import time
 
 from datasets import Dataset
 
-from align import AlignError, adapters, models, runs, tracking, training
+from align import AlignError, adapters, models, negatives, runs, tracking, training
 from align.data import recipes
-from align.generation import chat_generate
 
 log = logging.getLogger(__name__)
 
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
-
-
-def refusal_openers(cfg, tokenizer) -> list[int]:
-    """First tokens of the scope's refusal and unsafe templates (crisis replies open like ordinary answers)."""
-    from align.data import scope as scope_mod
-
-    templates = [*(cfg.scope.refusal_templates or scope_mod.DEFAULT_REFUSALS),
-                 *(cfg.scope.unsafe_templates or scope_mod.DEFAULT_UNSAFE)]
-    return sorted({tokenizer(t.strip(), add_special_tokens=False)["input_ids"][0] for t in templates if t.strip()})
-
-
-def policy_negatives(cfg, model, tokenizer, pairs: list) -> tuple[list, int]:
-    """data.rejected_source=policy: the SFT policy answers each refuse pair's prompt with its refusal openers
-    suppressed at the first token, i.e. how it would comply; where that answer does comply (keyword judge) it
-    becomes the rejected side (see scope.with_policy_rejected). The in-scope pairs' rejected refusals are already
-    what a policy trained on those templates says, so both sides of DPO push on the policy's own behaviour."""
-    from align.data.scope import with_policy_rejected
-    from align.evaluation.judges import REFUSED, make_judge
-
-    judge = make_judge("keyword")
-    suppress = refusal_openers(cfg, tokenizer)
-
-    def write(prompts: list[list[dict]]) -> list[str]:
-        texts, stats = chat_generate(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.eval.batch_size, desc="on-policy rejected answers",
-                                     begin_suppress_tokens=suppress, cpu_bf16=models.cpu_autocast(cfg))
-        log.info("on-policy negatives: %d answers at %.1f tokens/s", len(texts), stats["tokens_per_second"])
-        return texts
-
-    pairs, swapped = with_policy_rejected(
-        pairs, write, lambda prompt, answer: judge.judge([prompt], [answer])[0] == REFUSED)
-    model.train()
-    log.info("on-policy negatives: the policy complied with %d of %d refuse prompts; those answers are the "
-             "rejected side, the rest keep the template", swapped, sum(1 for p in pairs if p.get("refuse")))
-    return pairs, swapped
 
 
 def interleave_refusals(rows: list) -> list:
@@ -66,16 +30,6 @@ def interleave_refusals(rows: list) -> list:
     for i in range(max(len(refuse), len(answer))):
         out += [r[i] for r in (answer, refuse) if i < len(r)]
     return out
-
-
-def rows_for_steps(cfg, rows: list) -> list:
-    """The rows one pass of trainer.max_steps will consume (all of them when training by epochs)."""
-    t = cfg.trainer
-    if t.max_steps <= 0:
-        return rows
-    need = t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * (
-        training.distributed_state().num_processes)
-    return rows[:need]
 
 
 def train_from_sft(cfg, stage: str, config_cls, trainer_cls, to_rows=lambda rows: rows, **stage_kwargs) -> dict:
@@ -96,9 +50,9 @@ def train_from_sft(cfg, stage: str, config_cls, trainer_cls, to_rows=lambda rows
     available, swapped = len(train_rows), None
     if cfg.data.rejected_source == "policy":
         # generation is the costly part: only for the pairs training reaches (eval pairs keep the fixed templates)
-        pairs_train, swapped = policy_negatives(cfg, model, tokenizer, rows_for_steps(cfg, pairs_train))
+        pairs_train, swapped = negatives.policy_negatives(cfg, model, tokenizer, training.rows_for_steps(cfg, pairs_train))
         train_rows = to_rows(pairs_train)
-    train_rows, eval_rows = rows_for_steps(cfg, train_rows), to_rows(pairs_eval)
+    train_rows, eval_rows = training.rows_for_steps(cfg, train_rows), to_rows(pairs_eval)
     if len(train_rows) < available:
         # with precomputed reference log-probs, rows training never reaches would cost a forward each
         log.info("%s: trainer.max_steps=%d uses %d of %d train rows (already shuffled)", stage,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from align import AlignError, adapters, models, runs, tracking, training
+from align import AlignError, adapters, models, negatives, runs, tracking, training
 from align.data import recipes
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,20 @@ def fit_pairs(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
     return out
 
 
+def policy_negatives(cfg, tokenizer, sft_dir, rows: list[dict]) -> tuple[list[dict], int | None]:
+    """The SFT policy's own compliant answers as the rejected side of refuse pairs (see align.negatives), so the
+    reward model scores what PPO will sample; without an SFT adapter there is no policy yet and templates stay."""
+    if sft_dir is None or adapters.saves_full_model(cfg.peft):
+        log.info("rm: no SFT adapter to write on-policy negatives (rm.init=%s, peft=%s); templates stay",
+                 cfg.rm.init, cfg.peft.method)
+        return rows, None
+    policy = adapters.attach(models.load_model(cfg, "causal", tokenizer), cfg.peft, "CAUSAL_LM",
+                             init_from=str(sft_dir))
+    rows, swapped = negatives.policy_negatives(cfg, policy, tokenizer, rows)
+    del policy
+    return rows, swapped
+
+
 def run(cfg) -> dict:
     from trl import RewardConfig, RewardTrainer
 
@@ -101,6 +115,9 @@ def run(cfg) -> dict:
     out = runs.prepare(cfg, "rm", main_process=main)
     tokenizer = models.load_tokenizer(cfg.model)
     train_rows, eval_rows = recipes.load(cfg, "preference", tokenizer)
+    swapped = None
+    if cfg.data.rejected_source == "policy":
+        train_rows, swapped = policy_negatives(cfg, tokenizer, sft_dir, training.rows_for_steps(cfg, train_rows))
     train_rows = fit_pairs(train_rows, tokenizer, cfg.trainer.max_length)
     eval_rows = fit_pairs(eval_rows, tokenizer, cfg.trainer.max_length)
     log.info("rm: %d train pairs, %d eval pairs", len(train_rows), len(eval_rows))
@@ -128,6 +145,8 @@ def run(cfg) -> dict:
     training.restore_trainable_dtype(trainer, cfg)
     metrics = training.train(trainer, cfg, out)
     metrics.update(kept)
+    if swapped is not None:
+        metrics["data/on_policy_rejected"] = swapped
     if eval_rows:
         metrics.update(pairwise_eval(trainer.model, tokenizer, eval_rows, cfg.trainer.max_length,
                                      cfg.rm.tie_epsilon, cfg.trainer.per_device_eval_batch_size))
