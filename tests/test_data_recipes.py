@@ -456,10 +456,14 @@ def test_shipped_tax_eval_shares_no_prompt_with_training():
     train = {m["content"] for r in built.sft_train for m in r["messages"] if m["role"] == "user"}
     train |= {r["prompt"][-1]["content"] for r in built.pref_train + built.prompts_train}
     train_sh = [(recipes.normalize(t), recipes.shingles(t, n)) for t in sorted(train)]
-    for row in built.scope_eval:
+    # dev.jsonl (for choosing settings) must be as clean as the held-out split, and must not leak it either
+    dev = [json.loads(line) for line in (ROOT / "data_recipes" / "tax_assistant" / "dev.jsonl").open()]
+    assert {r["expected"] for r in dev} == {"answer", "refuse"}
+    eval_sh = [(recipes.normalize(r["prompt"]), recipes.shingles(r["prompt"], n)) for r in built.scope_eval]
+    for row, against in [*((r, train_sh) for r in built.scope_eval), *((r, train_sh + eval_sh) for r in dev)]:
         key, sh = recipes.normalize(row["prompt"]), recipes.shingles(row["prompt"], n)
-        for other, other_sh in train_sh:
-            assert key != other, f"eval prompt also in training: {row['prompt']!r}"
+        for other, other_sh in against:
+            assert key != other, f"held-out prompt also in training: {row['prompt']!r}"
             assert recipes.jaccard(sh, other_sh) < threshold, f"near duplicate: {row['prompt']!r} ~ {other!r}"
     balanced(built.stats)
 
