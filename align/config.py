@@ -197,7 +197,7 @@ class EvalConfig:
     judge: str = "keyword"
     judge_model: Optional[str] = None
     max_new_tokens: int = 64
-    batch_size: int = 16
+    batch_size: int = 64
     do_sample: bool = False
     compare_base: bool = True
     max_prompts: Optional[int] = None
