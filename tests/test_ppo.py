@@ -140,6 +140,9 @@ def test_reward_on_shared_base_matches_sequence_classifier(adapters_dir):
     r_ids, r_mask, has_eos = ppo.truncate_after_eos(r_ids, [tok.eos_token_id], tok.pad_token_id)
     batch = ppo.Rollout(prompts, q_ids, q_mask, r_ids, r_mask, has_eos)
     assert torch.allclose(reward.rollout_reward(model, head, tok)(batch), theirs, atol=1e-4)
+    # cut at max_new_tokens (no EOS): the turn is closed as the rm stage closed its cut answers, same score
+    cut = ppo.Rollout(prompts, q_ids, q_mask, r_ids, r_mask * (r_ids != tok.eos_token_id), torch.zeros_like(has_eos))
+    assert torch.allclose(reward.rollout_reward(model, head, tok)(cut), theirs, atol=1e-4)
 
     # reference = the frozen SFT copy: same log-probs as the policy before training, unlike the bare base
     ids, attn = batch.input_ids, batch.attention_mask

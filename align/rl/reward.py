@@ -82,32 +82,36 @@ def reward_scores(model, score_head: nn.Linear, input_ids: torch.Tensor, attenti
     return score_head(picked.to(score_head.weight.dtype)).squeeze(-1).float()
 
 
-def turn_suffix(tokenizer) -> list[int]:
-    """Tokens the chat template puts after an assistant turn's EOS (e.g. "\\n" after <|im_end|>).
-    The reward model was trained on templated conversations, so it scores rollouts with the suffix."""
+def turn_end(tokenizer) -> list[int]:
+    """The tokens that close an assistant turn in the chat template: its EOS and what follows it (e.g.
+    <|im_end|> "\\n"). The reward model was trained on templated conversations, so rollouts are scored with them."""
     msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
     text = tokenizer.apply_chat_template(msgs, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     eos = set(eos_ids(tokenizer))
     last = max((i for i, t in enumerate(ids) if t in eos), default=None)
-    return [] if last is None else ids[last + 1:]
+    return [] if last is None else ids[last:]
 
 
 def rollout_reward(model, score_head: nn.Linear, tokenizer, adapter_name: str = REWARD
                    ) -> Callable[[Rollout], torch.Tensor]:
-    """PPO's reward function: the RM score of prompt + response (+ the template's turn suffix after an EOS,
-    as in the RM's training text), read at the last token. A response without EOS is scored as it is."""
-    suffix = turn_suffix(tokenizer)
+    """PPO's reward function: the RM score of prompt + response + the template's turn end, read at the last
+    token. A response cut at max_new_tokens is closed too: the rm stage cut long answers to fit and closed
+    the turn (rm.fit_pairs), and GRPO's chat-templated completions are closed the same way. Read mid-sentence,
+    the score is out of the RM's distribution and PPO learns to exploit it (measured: it answered everything).
+    ppo.missing_eos_penalty is the knob for answers that never end."""
+    end = turn_end(tokenizer)
 
     def score(batch: Rollout) -> torch.Tensor:
         lengths = batch.response_mask.sum(-1).long().tolist()
         P, B = batch.query_ids.shape[1], len(lengths)
-        width = P + batch.response_ids.shape[1] + len(suffix)
+        width = P + batch.response_ids.shape[1] + len(end)
         ids = torch.full((B, width), tokenizer.pad_token_id, dtype=torch.long, device=batch.query_ids.device)
         mask = torch.zeros_like(ids)
         ids[:, :P], mask[:, :P] = batch.query_ids, batch.query_mask
         for i, n in enumerate(lengths):
-            resp = batch.response_ids[i, :n].tolist() + (suffix if batch.has_eos[i] else [])
+            # with an EOS the response already holds it (truncate_after_eos keeps it)
+            resp = batch.response_ids[i, :n].tolist() + (end[1:] if batch.has_eos[i] else end)
             ids[i, P:P + len(resp)] = torch.tensor(resp, device=ids.device)
             mask[i, P:P + len(resp)] = 1
         return reward_scores(model, score_head, ids, mask, pool_index(ids, tokenizer.pad_token_id), adapter_name)

@@ -87,8 +87,9 @@ def fit_pairs(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
 
 
 def policy_negatives(cfg, tokenizer, sft_dir, rows: list[dict]) -> tuple[list[dict], int | None]:
-    """The SFT policy's own compliant answers as the rejected side of refuse pairs (see align.negatives), so the
-    reward model scores what PPO will sample; without an SFT adapter there is no policy yet and templates stay."""
+    """The SFT policy's own compliant answers as the rejected side of refuse pairs (see align.negatives), in
+    training and eval pairs alike, so the reward model learns and is measured on what PPO will sample. Without
+    an SFT adapter there is no policy yet and the templates stay."""
     if sft_dir is None or adapters.saves_full_model(cfg.peft):
         log.info("rm: no SFT adapter to write on-policy negatives (rm.init=%s, peft=%s); templates stay",
                  cfg.rm.init, cfg.peft.method)
@@ -117,7 +118,9 @@ def run(cfg) -> dict:
     train_rows, eval_rows = recipes.load(cfg, "preference", tokenizer)
     swapped = None
     if cfg.data.rejected_source == "policy":
-        train_rows, swapped = policy_negatives(cfg, tokenizer, sft_dir, training.rows_for_steps(cfg, train_rows))
+        train_rows = training.rows_for_steps(cfg, train_rows)
+        both, swapped = policy_negatives(cfg, tokenizer, sft_dir, train_rows + eval_rows)
+        train_rows, eval_rows = both[:len(train_rows)], both[len(train_rows):]
     train_rows = fit_pairs(train_rows, tokenizer, cfg.trainer.max_length)
     eval_rows = fit_pairs(eval_rows, tokenizer, cfg.trainer.max_length)
     log.info("rm: %d train pairs, %d eval pairs", len(train_rows), len(eval_rows))
@@ -146,7 +149,7 @@ def run(cfg) -> dict:
     metrics = training.train(trainer, cfg, out)
     metrics.update(kept)
     if swapped is not None:
-        metrics["data/on_policy_rejected"] = swapped
+        metrics["data/on_policy_rejected"] = swapped  # train and eval pairs
     if eval_rows:
         metrics.update(pairwise_eval(trainer.model, tokenizer, eval_rows, cfg.trainer.max_length,
                                      cfg.rm.tie_epsilon, cfg.trainer.per_device_eval_batch_size))
