@@ -3,6 +3,8 @@
 The score head trains in full beside the adapter (peft's modules_to_save). The adapter starts from
 the SFT adapter of the same run (rm.init=sft) or from scratch on the base (rm.init=base), and is
 always saved relative to the plain base, so AutoPeftModelForSequenceClassification loads it.
+With data.rejected_source=policy the refuse pairs' rejected side is the SFT policy's own compliant
+answer (align/negatives.py), in train and eval pairs, so the accuracy measures what PPO will rely on.
 """
 
 import logging
