@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from align import models, negatives, runs
+from align import AlignError, models, negatives, runs
 from align.config import compose
 from align.evaluation.judges import REFUSED, make_judge
 from align.generation import chat_generate, scope_conversations
@@ -55,4 +55,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except AlignError as err:  # a missing run or stage: one line, not a traceback
+        sys.exit(f"check_reward: {err}")
