@@ -8,12 +8,14 @@ policy's own refusal should beat its forced answer; for answer prompts the rever
 """
 
 import json
+import random
 import sys
 
 import torch
 
 from align import AlignError, models, negatives, runs
 from align.config import compose
+from align.data import scope
 from align.evaluation.judges import REFUSED, make_judge
 from align.generation import chat_generate, scope_conversations
 from align.rl import ppo, reward
@@ -46,10 +48,11 @@ def main(argv: list[str]) -> None:
     print(f"refuse prompts the policy refuses: {len(idx)}; its refusal scores above its forced answer on "
           f"{(s_own[idx] > s_forced[idx]).float().mean():.3f} "
           f"(mean {s_own[idx].mean():.3f} vs {s_forced[idx].mean():.3f})")
-    # answer prompts the policy answers: its own answer vs the scope's first refusal template
+    # answer prompts the policy answers: its own answer vs the over-refusal the rm stage trained against
     idx = [i for i, r in enumerate(rows) if r["expected"] == "answer" and refused[i] != REFUSED]
-    template = (cfg.scope.refusal_templates or [""])[0].format(capability=cfg.scope.capability, topic="this topic")
-    s_ref = torch.tensor(score([convs[i] for i in idx], [[{"role": "assistant", "content": template}]] * len(idx)))
+    rng = random.Random(cfg.seed)
+    refusals = [[{"role": "assistant", "content": scope.unnecessary_refusal(rows[i], cfg.scope, rng)}] for i in idx]
+    s_ref = torch.tensor(score([convs[i] for i in idx], refusals))
     print(f"answer prompts the policy answers: {len(idx)}; its answer scores above a refusal on "
           f"{(s_own[idx] > s_ref).float().mean():.3f} (mean {s_own[idx].mean():.3f} vs {s_ref.mean():.3f})")
 

@@ -50,7 +50,8 @@ def train_from_sft(cfg, stage: str, config_cls, trainer_cls, to_rows=lambda rows
     available, swapped = len(train_rows), None
     if cfg.data.rejected_source == "policy":
         # generation is the costly part: only for the pairs training reaches (eval pairs keep the fixed templates)
-        pairs_train, swapped = negatives.policy_negatives(cfg, model, tokenizer, training.rows_for_steps(cfg, pairs_train))
+        reached = training.rows_for_steps(cfg, pairs_train)
+        pairs_train, swapped = negatives.policy_negatives(cfg, model, tokenizer, reached)
         train_rows = to_rows(pairs_train)
     train_rows, eval_rows = training.rows_for_steps(cfg, train_rows), to_rows(pairs_eval)
     if len(train_rows) < available:
