@@ -105,7 +105,7 @@ def needs_tokenizer(cfg) -> bool:
 def config_fingerprint(cfg) -> str:
     """What a build depends on: data + scope config, seed, the content of local source files, and the
     tokenizer when a length filter counts tokens."""
-    # reuse_built and rejected_source (applied by the dpo/kto stage) do not change the files
+    # reuse_built and rejected_source (applied by the dpo, kto and rm stages) do not change the files
     data = {k: v for k, v in _plain(cfg.data).items() if k not in ("reuse_built", "rejected_source")}
     files = {}
     for src in source_configs(cfg):
@@ -440,7 +440,7 @@ def _add_system(rows: list, key: str, system: str | None) -> list:
 
 
 def build(cfg, tokenizer=None) -> Built:
-    """Build the recipe in cfg.data (data.rejected_source=policy is applied later, by the dpo stage)."""
+    """Build the recipe in cfg.data (data.rejected_source=policy is applied later, by the dpo, kto and rm stages)."""
     if cfg.data.rejected_source not in ("template", "policy"):
         raise AlignError(f"data.rejected_source must be template or policy, got {cfg.data.rejected_source!r}")
     if not 0 <= cfg.data.eval_fraction < 1:
