@@ -31,6 +31,9 @@ def test_pipeline_runs_chain_then_skips(tmp_path, capsys):
     out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe")
     assert set(out["timings"].values()) == {"skipped"}
     assert (root / "sft" / "manifest.json").read_text() == stamp
+    took = json.loads(stamp)["seconds"]
+    rerun = (root / "report.md").read_text()  # the times the stages took when they ran survive a rerun
+    assert f"| sft | skipped (took {took:.0f}) |" in rerun and "all stages as run:" in rerun
 
     out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe", "pipeline.force=[safety_eval]")
     assert out["timings"]["safety_eval"] != "skipped" and out["timings"]["sft"] == "skipped"

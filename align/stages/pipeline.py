@@ -73,12 +73,15 @@ def run(cfg) -> dict:
     if unknown:
         raise AlignError(f"pipeline.overrides: {unknown[0]!r} is not in this pipeline ({', '.join(stages)})")
     timings: dict[str, float | str] = {}
+    earlier: dict[str, float] = {}  # seconds a skipped stage took when it ran, from its manifest
     started = time.time()
     for stage in stages:
         out = runs.stage_dir(cfg, stage)
         if runs.is_finished(out) and stage not in redo:
             log.info("pipeline: %s already finished (%s), skipping", stage, out)
             timings[stage] = "skipped"
+            if runs.read_manifest(out).get("seconds") is not None:
+                earlier[stage] = runs.read_manifest(out)["seconds"]
             continue
         extra = ["run.overwrite=true"] if stage in redo else []
         if not runs.is_finished(out) and runs.last_checkpoint(out):
@@ -94,7 +97,7 @@ def run(cfg) -> dict:
             raise AlignError(f"pipeline stopped at {stage}: {type(exc).__name__}: {exc} "
                              f"(rerun the same command to resume; HYDRA_FULL_ERROR=1 for the traceback)") from exc
         timings[stage] = round(time.time() - t0, 1)
-    summary = summarize(cfg, stages, timings, round(time.time() - started, 1))
+    summary = summarize(cfg, stages, timings, round(time.time() - started, 1), earlier)
     print(summary)
     root = Path(cfg.run.output_dir) / cfg.run.name
     (root / "report.md").write_text(summary + "\n")
@@ -106,7 +109,8 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def summarize(cfg, stages: list[str], timings: dict, total: float) -> str:
+def summarize(cfg, stages: list[str], timings: dict, total: float, earlier: dict | None = None) -> str:
+    earlier = earlier or {}
     root = Path(cfg.run.output_dir) / cfg.run.name
     lines = [f"# align pipeline: {cfg.run.name}", "",
              f"Base model `{cfg.model.name_or_path}`, peft `{cfg.peft.method}`, data `{cfg.data.recipe}`, "
@@ -124,8 +128,10 @@ def summarize(cfg, stages: list[str], timings: dict, total: float) -> str:
     lines += ["| stage | seconds | outputs |", "|---|---|---|"]
     for s in stages:
         t = timings.get(s)
-        lines.append(f"| {s} | {t if isinstance(t, str) else f'{t:.0f}'} | `{root / s}` |")
-    lines += [f"| total | {total:.0f} | |", ""]
+        shown = f"{t:.0f}" if not isinstance(t, str) else t + (f" (took {earlier[s]:.0f})" if s in earlier else "")
+        lines.append(f"| {s} | {shown} | `{root / s}` |")
+    all_runs = sum(t for t in timings.values() if not isinstance(t, str)) + sum(earlier.values())
+    lines += [f"| total | {total:.0f}" + (f" (all stages as run: {all_runs:.0f})" if earlier else "") + " | |", ""]
     wandb_dir = root / "wandb"
     if wandb_dir.exists():
         lines.append(f"W&B runs (group `{cfg.run.name}`): `{wandb_dir}`; upload offline runs with "
