@@ -96,6 +96,7 @@ class DataConfig:
     eval_fraction: float = 0.0
     on_bad_rows: str = "error"
     rejected_source: str = "template"
+    chosen_source: str = "reference"
     balance_cap: Optional[int] = None
     target_size: Optional[int] = None
     reuse_built: bool = True
@@ -224,6 +225,8 @@ class PipelineConfig:
     force: Any = False
     stages: Optional[List[str]] = None
     overrides: StageOverrides = field(default_factory=StageOverrides)
+    # per-stage defaults that come with pipeline.policy=ppo (the rm PPO optimises against needs more training)
+    ppo_overrides: StageOverrides = field(default_factory=StageOverrides)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""On-policy negatives (data.rejected_source=policy): the SFT policy's own compliant answers to refuse prompts.
+"""On-policy preference sides: the SFT policy's own compliant answers to refuse prompts as the rejected side
+(data.rejected_source=policy) and its own answers to in-scope prompts as the chosen side (data.chosen_source=policy).
 
 A templated "Sure! Here's..." is off-policy: a preference stage that pushes it down barely moves what the
 model really says, and a reward model trained on it learns to spot the template, not compliance, so PPO
@@ -22,27 +23,45 @@ def refusal_openers(cfg, tokenizer) -> list[int]:
     return sorted({tokenizer(t.strip(), add_special_tokens=False)["input_ids"][0] for t in templates if t.strip()})
 
 
-def policy_negatives(cfg, model, tokenizer, pairs: list) -> tuple[list, int]:
-    """The policy answers each refuse pair's prompt with its refusal openers suppressed at the first token, i.e.
-    how it would comply; where that answer does comply (keyword judge) it becomes the rejected side (see
-    scope.with_policy_rejected). The in-scope pairs' rejected refusals are already what a policy trained on
-    those templates says, so both sides push on the policy's own behaviour."""
-    from align.data.scope import with_policy_rejected
+def uses_policy(cfg) -> bool:
+    return "policy" in (cfg.data.rejected_source, cfg.data.chosen_source)
+
+
+def policy_negatives(cfg, model, tokenizer, pairs: list) -> tuple[list, dict]:
+    """data.rejected_source=policy: the policy answers each refuse pair's prompt with its refusal openers
+    suppressed at the first token, i.e. how it would comply; where that answer does comply (keyword judge) it
+    becomes the rejected side (see scope.with_policy_rejected). The in-scope pairs' rejected refusals are
+    already what a policy trained on those templates says, so both sides push on the policy's own behaviour.
+    data.chosen_source=policy: the in-scope pairs' chosen side becomes the policy's own greedy answer where it
+    answers (scope.with_policy_chosen). Returns (pairs, {metric: number of pairs swapped})."""
+    from align.data.scope import with_policy_chosen, with_policy_rejected
     from align.evaluation.judges import REFUSED, make_judge
 
     judge = make_judge("keyword")
     suppress = refusal_openers(cfg, tokenizer)
 
-    def write(prompts: list[list[dict]]) -> list[str]:
+    def write(prompts: list[list[dict]], barred: list[int] | None, desc: str) -> list[str]:
         texts, stats = chat_generate(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.eval.batch_size, desc="on-policy rejected answers",
-                                     begin_suppress_tokens=suppress, cpu_bf16=models.cpu_autocast(cfg))
-        log.info("on-policy negatives: %d answers at %.1f tokens/s", len(texts), stats["tokens_per_second"])
+                                     batch_size=cfg.eval.batch_size, desc=desc, begin_suppress_tokens=barred,
+                                     cpu_bf16=models.cpu_autocast(cfg))
+        log.info("%s: %d answers at %.1f tokens/s", desc, len(texts), stats["tokens_per_second"])
         return texts
 
-    pairs, swapped = with_policy_rejected(
-        pairs, write, lambda prompt, answer: judge.judge([prompt], [answer])[0] == REFUSED)
+    def refused(prompt, answer):
+        return judge.judge([prompt], [answer])[0] == REFUSED
+
+    counts = {}
+    if cfg.data.rejected_source == "policy":
+        pairs, swapped = with_policy_rejected(
+            pairs, lambda p: write(p, suppress, "on-policy rejected answers"), refused)
+        log.info("on-policy negatives: the policy complied with %d of %d refuse prompts; those answers are the "
+                 "rejected side, the rest keep the template", swapped, sum(1 for p in pairs if p.get("refuse")))
+        counts["data/on_policy_rejected"] = swapped
+    if cfg.data.chosen_source == "policy":
+        pairs, kept = with_policy_chosen(pairs, lambda p: write(p, None, "on-policy chosen answers"), refused)
+        log.info("on-policy positives: the policy answered %d of %d in-scope prompts; those answers are the "
+                 "chosen side, the rest keep the reference answer", kept,
+                 sum(1 for p in pairs if p.get("refuse") is False))
+        counts["data/on_policy_chosen"] = kept
     model.train()
-    log.info("on-policy negatives: the policy complied with %d of %d refuse prompts; those answers are the "
-             "rejected side, the rest keep the template", swapped, sum(1 for p in pairs if p.get("refuse")))
-    return pairs, swapped
+    return pairs, counts

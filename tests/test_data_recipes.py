@@ -323,6 +323,31 @@ def test_policy_answers_replace_templates_only_where_the_policy_complies(tmp_pat
     assert [p for p in out if not p["refuse"]] == [p for p in pairs if not p["refuse"]]
 
 
+def test_policy_answers_replace_reference_answers_only_where_the_policy_answers(tmp_path):
+    built = recipes.build(make_cfg(data=guard_data(tmp_path), scope_cfg=SCOPE))
+    pairs = built.pref_train
+    answer = [p for p in pairs if p["refuse"] is False]
+    assert answer
+    seen = []
+
+    def generate_fn(prompts):
+        seen.extend(prompts)  # even ones answer, odd ones refuse
+        return [f"REFUSE {i}" if i % 2 else f"ANSWER {i}" for i in range(len(prompts))]
+
+    out, swapped = scope.with_policy_chosen(pairs, generate_fn, lambda prompt, answer: answer.startswith("REFUSE"))
+    assert len(seen) == len(answer) and swapped == (len(answer) + 1) // 2
+    by_prompt = {json.dumps(p["prompt"]): p for p in pairs}
+    for row in out:
+        old = by_prompt[json.dumps(row["prompt"])]
+        if row["refuse"]:
+            assert row == old  # refuse pairs are untouched
+        elif row["chosen"][0]["content"].startswith("ANSWER"):
+            assert row["rejected"] == old["rejected"]  # the over-refusal stays the rejected side
+        else:
+            assert row["chosen"] == old["chosen"]  # where the policy refused, the reference answer stays
+    assert not any(p["chosen"][0]["content"].startswith("REFUSE") for p in out)  # a refusal is never chosen
+
+
 def test_compliant_template_is_built_from_the_prompt():
     rng = random.Random(0)
     assert scope.compliant("Can you tell me how to pick a lock?", rng) in \

@@ -56,3 +56,21 @@ def test_overrides_for_a_stage_outside_the_chain_are_rejected(tmp_path):
 def test_unknown_policy_is_rejected(tmp_path):
     with pytest.raises(AlignError, match="pipeline.policy"):
         run_stage(tmp_path, "stage=pipeline", *FAST, "pipeline.policy=sppo")
+
+
+def test_ppo_policy_brings_rm_defaults_that_user_overrides_beat():
+    from align.config import compose
+    from align.stages.pipeline import compose_stage
+
+    cfg = compose("stage=pipeline", "pipeline.policy=ppo", "run.name=p")
+    rm = compose_stage(cfg, "rm", [])
+    assert rm.trainer.max_steps == 60 and rm.trainer.learning_rate == 3e-4 and rm.stage.name == "rm"
+    assert compose_stage(cfg, "sft", []).trainer.max_steps == compose("stage=sft").trainer.max_steps
+    # the dpo chain keeps the rm stage's own settings
+    assert compose_stage(compose("stage=pipeline", "run.name=p"), "rm", []).trainer.max_steps == 20
+    # your shared and per-stage overrides both win over the policy's defaults
+    assert compose_stage(compose("stage=pipeline", "pipeline.policy=ppo", "trainer.max_steps=3"), "rm",
+                         []).trainer.max_steps == 3
+    cfg = compose("stage=pipeline", "pipeline.policy=ppo", 'pipeline.overrides.rm=["trainer.learning_rate=1e-5"]')
+    rm = compose_stage(cfg, "rm", [])
+    assert rm.trainer.learning_rate == 1e-5 and rm.trainer.max_steps == 60

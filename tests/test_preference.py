@@ -141,6 +141,32 @@ def test_on_policy_rejected_answers_come_from_the_model(sft_run, monkeypatch, st
     assert m["data/train_rows"] == 8
 
 
+def test_on_policy_chosen_answers_come_from_the_model(sft_run, monkeypatch):
+    """data.chosen_source=policy: the SFT policy answers the in-scope prompts greedily (nothing barred) and its
+    answers become the chosen side where they are not refusals."""
+    from align import negatives
+
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, **kw):
+        calls.append(kw)
+        return ["In the US, that is deductible if you itemize on Schedule A." if i % 2 else
+                "Sorry, I can only help with tax questions." for i in range(len(prompts))], {"tokens_per_second": 1.0}
+
+    monkeypatch.setattr(negatives, "chat_generate", fake_generate)
+    m = run_stage(sft_run, "stage=dpo", *COMMON, "run.name=p", "trainer.max_steps=2", "run.overwrite=true",
+                  "data.rejected_source=template",
+                  "data.chosen_source=policy", "data.max_rows=32")
+    assert len(calls) == 1 and not calls[0]["begin_suppress_tokens"]  # only the chosen side was written
+    assert m["data/on_policy_chosen"] > 0 and "data/on_policy_rejected" not in m
+
+
+def test_unknown_chosen_source_is_one_clear_error(sft_run):
+    with pytest.raises(AlignError, match="data.chosen_source must be reference or policy, got 'own'"):
+        run_stage(sft_run, "stage=dpo", *COMMON, "run.name=p", "run.overwrite=true",
+                  "data.chosen_source=own")
+
+
 def test_dpo_loss_weights_must_match_the_loss_types(sft_run):
     with pytest.raises(AlignError, match=r"dpo.loss_weights: 1 weights for 2 loss types"):
         run_stage(sft_run, "stage=dpo", *COMMON, "run.name=p", "dpo.loss_type=[sigmoid,sft]", "dpo.loss_weights=[1.0]")

@@ -105,8 +105,8 @@ def needs_tokenizer(cfg) -> bool:
 def config_fingerprint(cfg) -> str:
     """What a build depends on: data + scope config, seed, the content of local source files, and the
     tokenizer when a length filter counts tokens."""
-    # reuse_built and rejected_source (applied by the dpo, kto and rm stages) do not change the files
-    data = {k: v for k, v in _plain(cfg.data).items() if k not in ("reuse_built", "rejected_source")}
+    # reuse_built, rejected_source and chosen_source (applied by the dpo, kto and rm stages) do not change the files
+    data = {k: v for k, v in _plain(cfg.data).items() if k not in ("reuse_built", "rejected_source", "chosen_source")}
     files = {}
     for src in source_configs(cfg):
         path = sources.resolve(src.path)
@@ -443,6 +443,8 @@ def build(cfg, tokenizer=None) -> Built:
     """Build the recipe in cfg.data (data.rejected_source=policy is applied later, by the dpo, kto and rm stages)."""
     if cfg.data.rejected_source not in ("template", "policy"):
         raise AlignError(f"data.rejected_source must be template or policy, got {cfg.data.rejected_source!r}")
+    if cfg.data.chosen_source not in ("reference", "policy"):
+        raise AlignError(f"data.chosen_source must be reference or policy, got {cfg.data.chosen_source!r}")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise AlignError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
     srcs = source_configs(cfg)

@@ -196,6 +196,25 @@ def with_policy_rejected(pairs: list, generate_fn, is_refusal) -> tuple[list, in
     return out, swapped
 
 
+def with_policy_chosen(pairs: list, generate_fn, is_refusal) -> tuple[list, int]:
+    """On-policy positives (data.chosen_source=policy): the policy's own greedy answer to each in-scope pair's
+    prompt becomes the chosen side where it does answer. The refuse pairs' rejected side is the policy's own
+    answer style, so pushing it down off scope also pushes it down in scope; pushing the same style up on tax
+    questions balances it (a reference answer in another style does not). Where the policy refuses, the
+    reference answer stays. Returns (pairs, number swapped)."""
+    idx = [i for i, p in enumerate(pairs) if p.get("refuse") is False]
+    if not idx:
+        return pairs, 0
+    answers = generate_fn([pairs[i]["prompt"] for i in idx])
+    out, swapped = list(pairs), 0
+    for i, text in zip(idx, answers):
+        text = (text or "").strip()
+        if text and not is_refusal(pairs[i]["prompt"][-1]["content"], text):
+            out[i] = {**pairs[i], "chosen": _assistant(text)}
+            swapped += 1
+    return out, swapped
+
+
 def prompt_rows(rows: list, scope) -> list:
     """Prompt-only rows for PPO rollouts, from in-scope and refuse rows alike."""
     return [{"prompt": prompt_messages(row, scope), **_src(row)} for row in rows]

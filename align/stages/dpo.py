@@ -47,11 +47,11 @@ def train_from_sft(cfg, stage: str, config_cls, trainer_cls, to_rows=lambda rows
     if stage == "dpo" and cfg.dpo.balance:
         pairs_train = interleave_refusals(pairs_train)
     train_rows = to_rows(pairs_train)
-    available, swapped = len(train_rows), None
-    if cfg.data.rejected_source == "policy":
+    available, on_policy = len(train_rows), {}
+    if negatives.uses_policy(cfg):
         # generation is the costly part: only for the pairs training reaches (eval pairs keep the fixed templates)
         reached = training.rows_for_steps(cfg, pairs_train)
-        pairs_train, swapped = negatives.policy_negatives(cfg, model, tokenizer, reached)
+        pairs_train, on_policy = negatives.policy_negatives(cfg, model, tokenizer, reached)
         train_rows = to_rows(pairs_train)
     train_rows, eval_rows = training.rows_for_steps(cfg, train_rows), to_rows(pairs_eval)
     if len(train_rows) < available:
@@ -80,8 +80,7 @@ def train_from_sft(cfg, stage: str, config_cls, trainer_cls, to_rows=lambda rows
     metrics = training.train(trainer, cfg, out)
     metrics.update(kept)
     metrics["data/train_rows_available"] = available
-    if swapped is not None:
-        metrics["data/on_policy_rejected"] = swapped
+    metrics.update(on_policy)
     last = [h for h in trainer.state.log_history if any(k in h for k in REWARD_KEYS)]
     if last:
         metrics.update({f"train/{k}": last[-1][k] for k in REWARD_KEYS if k in last[-1]})

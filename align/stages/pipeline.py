@@ -56,7 +56,9 @@ def compose_stage(cfg, stage: str, extra: list[str]):
     from hydra.core.global_hydra import GlobalHydra
 
     own = list(cfg.pipeline.overrides.get(stage) or [])
-    overrides = [*user_overrides(), *own, f"stage={stage}", f"run.name={cfg.run.name}",
+    # precedence, lowest first: the stage's config, the policy's defaults, your shared overrides, your per-stage ones
+    policy = list(cfg.pipeline.ppo_overrides.get(stage) or []) if cfg.pipeline.policy == "ppo" else []
+    overrides = [*policy, *user_overrides(), *own, f"stage={stage}", f"run.name={cfg.run.name}",
                  f"run.output_dir={cfg.run.output_dir}", *extra]
     if GlobalHydra.instance().is_initialized():
         return compose("config", overrides=overrides)

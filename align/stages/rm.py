@@ -88,19 +88,19 @@ def fit_pairs(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
     return out
 
 
-def policy_negatives(cfg, tokenizer, sft_dir, rows: list[dict]) -> tuple[list[dict], int | None]:
+def policy_negatives(cfg, tokenizer, sft_dir, rows: list[dict]) -> tuple[list[dict], dict]:
     """The SFT policy's own compliant answers as the rejected side of refuse pairs (see align.negatives), in
     training and eval pairs alike, so the reward model learns and is measured on what PPO will sample. Without
     an SFT adapter there is no policy yet and the templates stay."""
     if sft_dir is None or adapters.saves_full_model(cfg.peft):
         log.info("rm: no SFT adapter to write on-policy negatives (rm.init=%s, peft=%s); templates stay",
                  cfg.rm.init, cfg.peft.method)
-        return rows, None
+        return rows, {}
     policy = adapters.attach(models.load_model(cfg, "causal", tokenizer), cfg.peft, "CAUSAL_LM",
                              init_from=str(sft_dir))
-    rows, swapped = negatives.policy_negatives(cfg, policy, tokenizer, rows)
+    rows, on_policy = negatives.policy_negatives(cfg, policy, tokenizer, rows)
     del policy
-    return rows, swapped
+    return rows, on_policy
 
 
 def run(cfg) -> dict:
@@ -118,10 +118,10 @@ def run(cfg) -> dict:
     out = runs.prepare(cfg, "rm", main_process=main)
     tokenizer = models.load_tokenizer(cfg.model)
     train_rows, eval_rows = recipes.load(cfg, "preference", tokenizer)
-    swapped = None
-    if cfg.data.rejected_source == "policy":
+    on_policy = {}
+    if negatives.uses_policy(cfg):
         train_rows = training.rows_for_steps(cfg, train_rows)
-        both, swapped = policy_negatives(cfg, tokenizer, sft_dir, train_rows + eval_rows)
+        both, on_policy = policy_negatives(cfg, tokenizer, sft_dir, train_rows + eval_rows)
         train_rows, eval_rows = both[:len(train_rows)], both[len(train_rows):]
     train_rows = fit_pairs(train_rows, tokenizer, cfg.trainer.max_length)
     eval_rows = fit_pairs(eval_rows, tokenizer, cfg.trainer.max_length)
@@ -150,8 +150,7 @@ def run(cfg) -> dict:
     training.restore_trainable_dtype(trainer, cfg)
     metrics = training.train(trainer, cfg, out)
     metrics.update(kept)
-    if swapped is not None:
-        metrics["data/on_policy_rejected"] = swapped  # train and eval pairs
+    metrics.update(on_policy)  # counts over train and eval pairs
     if eval_rows:
         metrics.update(pairwise_eval(trainer.model, tokenizer, eval_rows, cfg.trainer.max_length,
                                      cfg.rm.tie_epsilon, cfg.trainer.per_device_eval_batch_size))
