@@ -183,26 +183,21 @@ def with_policy_rejected(pairs: list, generate_fn, is_refusal) -> tuple[list, in
     A templated "Sure! Here's..." is off-policy, so pushing it down barely moves what the model really says.
     Where the policy already refuses (is_refusal(prompt, answer)), the template stays: a refusal must never be
     the rejected side of a refuse pair. Returns (pairs, number swapped)."""
-    idx = [i for i, p in enumerate(pairs) if p.get("refuse")]
-    if not idx:
-        return pairs, 0
-    answers = generate_fn([pairs[i]["prompt"] for i in idx])
-    out, swapped = list(pairs), 0
-    for i, text in zip(idx, answers):
-        text = (text or "").strip()
-        if text and not is_refusal(pairs[i]["prompt"][-1]["content"], text):
-            out[i] = {**pairs[i], "rejected": _assistant(text)}
-            swapped += 1
-    return out, swapped
+    return _policy_side(pairs, lambda p: bool(p.get("refuse")), "rejected", generate_fn, is_refusal)
 
 
 def with_policy_chosen(pairs: list, generate_fn, is_refusal) -> tuple[list, int]:
     """On-policy positives (data.chosen_source=policy): the policy's own greedy answer to each in-scope pair's
     prompt becomes the chosen side where it does answer. The refuse pairs' rejected side is the policy's own
     answer style, so pushing it down off scope also pushes it down in scope; pushing the same style up on tax
-    questions balances it (a reference answer in another style does not). Where the policy refuses, the
-    reference answer stays. Returns (pairs, number swapped)."""
-    idx = [i for i, p in enumerate(pairs) if p.get("refuse") is False]
+    questions is meant to balance that (on dev it did not beat reference answers by itself: docs/benchmarks.md,
+    round 4). Where the policy refuses, the reference answer stays. Returns (pairs, number swapped)."""
+    return _policy_side(pairs, lambda p: p.get("refuse") is False, "chosen", generate_fn, is_refusal)
+
+
+def _policy_side(pairs: list, selected, side: str, generate_fn, is_refusal) -> tuple[list, int]:
+    """The policy answers the selected pairs' prompts; each answer that is not a refusal becomes `side`."""
+    idx = [i for i, p in enumerate(pairs) if selected(p)]
     if not idx:
         return pairs, 0
     answers = generate_fn([pairs[i]["prompt"] for i in idx])
@@ -210,7 +205,7 @@ def with_policy_chosen(pairs: list, generate_fn, is_refusal) -> tuple[list, int]
     for i, text in zip(idx, answers):
         text = (text or "").strip()
         if text and not is_refusal(pairs[i]["prompt"][-1]["content"], text):
-            out[i] = {**pairs[i], "chosen": _assistant(text)}
+            out[i] = {**pairs[i], side: _assistant(text)}
             swapped += 1
     return out, swapped
 
