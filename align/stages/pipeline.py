@@ -82,8 +82,9 @@ def run(cfg) -> dict:
         if runs.is_finished(out) and stage not in redo:
             log.info("pipeline: %s already finished (%s), skipping", stage, out)
             timings[stage] = "skipped"
-            if runs.read_manifest(out).get("seconds") is not None:
-                earlier[stage] = runs.read_manifest(out)["seconds"]
+            took = runs.read_manifest(out).get("seconds")
+            if took is not None:
+                earlier[stage] = took
             continue
         extra = ["run.overwrite=true"] if stage in redo else []
         if not runs.is_finished(out) and runs.last_checkpoint(out):
