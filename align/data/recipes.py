@@ -440,7 +440,8 @@ def _add_system(rows: list, key: str, system: str | None) -> list:
 
 
 def build(cfg, tokenizer=None) -> Built:
-    """Build the recipe in cfg.data (data.rejected_source=policy is applied later, by the dpo, kto and rm stages)."""
+    """Build the recipe in cfg.data (data.rejected_source/chosen_source=policy are applied later, by the dpo, kto and
+    rm stages)."""
     if cfg.data.rejected_source not in ("template", "policy"):
         raise AlignError(f"data.rejected_source must be template or policy, got {cfg.data.rejected_source!r}")
     if cfg.data.chosen_source not in ("reference", "policy"):
