@@ -481,8 +481,9 @@ def test_shipped_tax_eval_shares_no_prompt_with_training():
     train = {m["content"] for r in built.sft_train for m in r["messages"] if m["role"] == "user"}
     train |= {r["prompt"][-1]["content"] for r in built.pref_train + built.prompts_train}
     train_sh = [(recipes.normalize(t), recipes.shingles(t, n)) for t in sorted(train)]
-    # dev.jsonl (for choosing settings) must be as clean as the held-out split, and must not leak it either
-    dev = [json.loads(line) for line in (ROOT / "data_recipes" / "tax_assistant" / "dev.jsonl").open()]
+    # dev.jsonl and dev_b.jsonl (for choosing settings) must be as clean as the held-out split, and must not leak it either
+    dev = [json.loads(line) for name in ("dev.jsonl", "dev_b.jsonl")
+           for line in (ROOT / "data_recipes" / "tax_assistant" / name).open()]
     assert {r["expected"] for r in dev} == {"answer", "refuse"}
     eval_sh = [(recipes.normalize(r["prompt"]), recipes.shingles(r["prompt"], n)) for r in built.scope_eval]
     for row, against in [*((r, train_sh) for r in built.scope_eval), *((r, train_sh + eval_sh) for r in dev)]:
