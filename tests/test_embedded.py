@@ -26,3 +26,23 @@ def test_qlora_sft_on_the_embedded_model(tmp_path):
                   "trainer.per_device_train_batch_size=1", "trainer.logging_steps=1")
     assert m["train/global_step"] == 2 and m["trainable_share"] < 0.1
     assert (tmp_path / "t2" / "sft" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_every_shipped_training_row_leaves_room_for_its_answer():
+    """The main job trains at trainer.max_length=80 and the trainer drops rows whose prompt fills it: 58 of
+    unsafe_c's 80 rows were once lost that way. Every tax_assistant training prompt must leave room for at least the answer's opener (4 tokens)."""
+    from align import models
+    from align.config import compose
+    from align.data import recipes
+
+    cfg = compose("stage=sft", "tracking=none")
+    assert cfg.data.recipe == "tax_assistant" and cfg.trainer.max_length == 80
+    tokenizer = models.load_tokenizer(cfg.model)
+    built = recipes.build(cfg, tokenizer)
+    too_long = []
+    for row in built.sft_train:
+        prompt = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
+        n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if n > cfg.trainer.max_length - 4:
+            too_long.append((n, row["messages"][-2]["content"][:60]))
+    assert len(built.sft_train) > 1000 and not too_long, too_long[:5]
