@@ -481,7 +481,7 @@ def test_shipped_tax_eval_shares_no_prompt_with_training():
     train = {m["content"] for r in built.sft_train for m in r["messages"] if m["role"] == "user"}
     train |= {r["prompt"][-1]["content"] for r in built.pref_train + built.prompts_train}
     train_sh = [(recipes.normalize(t), recipes.shingles(t, n)) for t in sorted(train)]
-    # dev.jsonl and dev_b.jsonl (for choosing settings) must be as clean as the held-out split, and must not leak it either
+    # dev.jsonl and dev_b.jsonl (for choosing settings) must be as clean as the held-out split, and not leak it
     dev = [json.loads(line) for name in ("dev.jsonl", "dev_b.jsonl")
            for line in (ROOT / "data_recipes" / "tax_assistant" / name).open()]
     assert {r["expected"] for r in dev} == {"answer", "refuse"}

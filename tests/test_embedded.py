@@ -30,7 +30,8 @@ def test_qlora_sft_on_the_embedded_model(tmp_path):
 
 def test_every_shipped_training_row_leaves_room_for_its_answer():
     """The main job trains at trainer.max_length=80 and the trainer drops rows whose prompt fills it: 58 of
-    unsafe_c's 80 rows were once lost that way. Every tax_assistant training prompt must leave room for at least the answer's opener (4 tokens)."""
+    unsafe_c's 80 rows were once lost that way. Every tax_assistant training prompt must leave room for at least
+    the answer's opener (4 tokens)."""
     from align import models
     from align.config import compose
     from align.data import recipes
