@@ -1,15 +1,18 @@
-"""Does a run's reward model rank the SFT policy's own answers the way PPO needs? (docs/benchmarks.md, round 3)
+"""Does a run's reward model rank the SFT policy's behaviours the way PPO needs? (docs/benchmarks.md, rounds 3, 6)
 
-For each prompt of a scope-eval file (default: the tax_assistant dev split) the SFT policy answers twice, greedily
-and with its refusal openers suppressed (how it would comply). The rm adapter scores both. For refuse prompts the
-policy's own refusal should beat its forced answer; for answer prompts the reverse. Prints both rates.
+For each prompt of scope-eval files (default: the tax_assistant dev splits) the SFT policy answers twice, greedily
+and with its refusal openers suppressed (how it would comply). Each prompt then has an answer (the forced one) and
+a refusal (the greedy one where the policy refuses, else the scope's template). The rm adapter scores both; PPO
+needs the expected behaviour on top: the refusal for refuse prompts, the answer for answer prompts. Prints that
+rate per category group (tax, off_scope, unsafe, attack), since PPO follows the groups the reward model gets wrong.
 
-    python scripts/check_reward.py run.name=<run>    # any config override; reads outputs/<run>/{sft,rm}
+    python scripts/check_reward.py run.name=<run> [prompts=a.jsonl,b.jsonl]   # reads outputs/<run>/{sft,rm}
 """
 
 import json
 import random
 import sys
+from collections import defaultdict
 
 import torch
 
@@ -20,41 +23,54 @@ from align.evaluation.judges import REFUSED, make_judge
 from align.generation import chat_generate, scope_conversations
 from align.rl import ppo, reward
 
-DEV = "data_recipes/tax_assistant/dev.jsonl"
+DEV = "data_recipes/tax_assistant/dev.jsonl,data_recipes/tax_assistant/dev_b.jsonl"
 
 
 def main(argv: list[str]) -> None:
-    prompts_file = next((a.split("=", 1)[1] for a in argv if a.startswith("prompts=")), DEV)
+    files = next((a.split("=", 1)[1] for a in argv if a.startswith("prompts=")), DEV).split(",")
     cfg = compose("stage=ppo", "tracking=none", *[a for a in argv if not a.startswith("prompts=")])
     sft = runs.adapter_of(runs.find_parent(cfg, ("sft",), None, needed_by="check_reward"))
     rm = runs.adapter_of(runs.find_parent(cfg, ("rm",), None, needed_by="check_reward"))
     tok = models.load_tokenizer(cfg.model)
     model = ppo.load_policy(cfg, tok, sft)
     head = reward.load_reward(model, rm)
-    rows = [json.loads(line) for line in open(prompts_file)]
+    rows = [json.loads(line) for f in files for line in open(f) if line.strip()]
     convs = scope_conversations(cfg.scope.system_prompt, [r["prompt"] for r in rows])
     gen = dict(max_new_tokens=cfg.ppo.max_new_tokens, batch_size=cfg.eval.batch_size)
     with ppo.use_adapter(model, ppo.POLICY):
         own, _ = chat_generate(model, tok, convs, desc="greedy", **gen)
         forced, _ = chat_generate(model, tok, convs, desc="refusal barred", **gen,
                                   begin_suppress_tokens=negatives.refusal_openers(cfg, tok))
-    score = reward.CompletionReward(model, head, tok, batch_size=cfg.eval.batch_size)
-    s_own = torch.tensor(score(convs, [[{"role": "assistant", "content": t}] for t in own]))
-    s_forced = torch.tensor(score(convs, [[{"role": "assistant", "content": t}] for t in forced]))
-    refused = make_judge("keyword").judge([r["prompt"] for r in rows], own)
-    print(f"reward model {rm} on {prompts_file}, SFT policy {sft}")
-    # refuse prompts the policy refuses: its own refusal vs its own forced answer
-    idx = [i for i, r in enumerate(rows) if r["expected"] == "refuse" and refused[i] == REFUSED]
-    print(f"refuse prompts the policy refuses: {len(idx)}; its refusal scores above its forced answer on "
-          f"{(s_own[idx] > s_forced[idx]).float().mean():.3f} "
-          f"(mean {s_own[idx].mean():.3f} vs {s_forced[idx].mean():.3f})")
-    # answer prompts the policy answers: its own answer vs the over-refusal the rm stage trained against
-    idx = [i for i, r in enumerate(rows) if r["expected"] == "answer" and refused[i] != REFUSED]
+    judge = make_judge("keyword")
+    prompts = [r["prompt"] for r in rows]
+    own_refused = [v == REFUSED for v in judge.judge(prompts, own)]
+    forced_refused = [v == REFUSED for v in judge.judge(prompts, forced)]
     rng = random.Random(cfg.seed)
-    refusals = [[{"role": "assistant", "content": scope.unnecessary_refusal(rows[i], cfg.scope, rng)}] for i in idx]
-    s_ref = torch.tensor(score([convs[i] for i in idx], refusals))
-    print(f"answer prompts the policy answers: {len(idx)}; its answer scores above a refusal on "
-          f"{(s_own[idx] > s_ref).float().mean():.3f} (mean {s_own[idx].mean():.3f} vs {s_ref.mean():.3f})")
+    refusals = [own[i] if own_refused[i] else
+                (scope.refusal(r, cfg.scope, rng) if r["expected"] == "refuse"
+                 else scope.unnecessary_refusal(r, cfg.scope, rng)) for i, r in enumerate(rows)]
+    score = reward.CompletionReward(model, head, tok, batch_size=cfg.eval.batch_size)
+    as_turn = lambda texts: [[{"role": "assistant", "content": t}] for t in texts]  # noqa: E731
+    s_answer = torch.tensor(score(convs, as_turn(forced)))
+    s_refusal = torch.tensor(score(convs, as_turn(refusals)))
+    print(f"reward model {rm}, SFT policy {sft}, on {', '.join(files)}")
+    # PPO can fix what the policy gets wrong and the reward model gets right ("fixable"), and can break what the
+    # policy gets right and the reward model gets wrong ("at risk")
+    print("group       prompts  right order  policy right  fixable  at risk  mean answer  mean refusal")
+    groups = defaultdict(list)
+    for i, r in enumerate(rows):
+        if not forced_refused[i]:  # a forced answer that still refuses is no answer to compare with
+            groups[r["category"].split("/")[0]].append(i)
+    for name, idx in sorted(groups.items()):
+        refuse = rows[idx[0]]["expected"] == "refuse"
+        right = (s_refusal[idx] > s_answer[idx]) if refuse else (s_answer[idx] > s_refusal[idx])
+        policy = torch.tensor([own_refused[i] == refuse for i in idx])
+        print(f"{name:<11} {len(idx):>7}  {right.float().mean():>11.3f}  {policy.float().mean():>12.3f}  "
+              f"{int((~policy & right).sum()):>7}  {int((policy & ~right).sum()):>7}  "
+              f"{s_answer[idx].mean():>11.3f}  {s_refusal[idx].mean():>12.3f}")
+    skipped = len(rows) - sum(len(v) for v in groups.values())
+    if skipped:
+        print(f"({skipped} prompts left out: the policy refused even with its refusal openers barred)")
 
 
 if __name__ == "__main__":
