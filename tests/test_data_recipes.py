@@ -294,14 +294,28 @@ def test_scope_preference_pairs(tmp_path):
     pairs = {r["prompt"][1]["content"]: r for r in built.pref_train}
     amend = pairs["How do I amend a return?"]
     assert amend["chosen"][0]["content"].startswith("File Form 1040-X")
-    assert amend["rejected"][0]["content"] in ("REFUSAL: not amend; only tax questions.",
-                                               "REFUSAL2: amend is out of scope.")  # an over-refusal
+    # an over-refusal as a model trained on the templates writes it: naming an off-scope topic, not "amend"
+    assert amend["rejected"][0]["content"] in ("REFUSAL: not cooking advice; only tax questions.",
+                                               "REFUSAL2: cooking advice is out of scope.")
     cake = pairs["How do I bake a cake?"]
     assert cake["chosen"][0]["content"].startswith("REFUSAL")
     assert cake["rejected"][0]["content"] in [t.format(task="bake a cake") for t in scope.TASK_TEMPLATES]
     assert len(pairs) == 6
     for row in built.pref_train:
         validate(row, "preference")
+
+
+def test_over_refusal_names_an_off_scope_topic_so_the_topic_alone_cannot_tell_pairs_apart():
+    row = {"prompt": "Can I deduct my home office?", "category": "tax/business_expenses", "expected": "answer"}
+    names = {"off_scope/cooking": "cooking advice", "off_scope/travel": "travel planning",
+             "tax/business_expenses": "business expenses"}
+    cfg = OmegaConf.create({**SCOPE, "topic_names": names})
+    seen = {scope.unnecessary_refusal(row, cfg, random.Random(s)) for s in range(40)}
+    assert {t for t in names.values() if any(t in s for s in seen)} == {"cooking advice", "travel planning"}
+    # without off-scope topics to name, the row's own topic fills the template
+    own = scope.unnecessary_refusal(row, OmegaConf.create({**SCOPE, "topic_names": {}}), random.Random(0))
+    assert own in ("REFUSAL: not business expenses; only tax questions.",
+                   "REFUSAL2: business expenses is out of scope.")
 
 
 def test_policy_answers_replace_templates_only_where_the_policy_complies(tmp_path):

@@ -114,12 +114,18 @@ def refusal(row: dict, scope, rng: random.Random) -> str:
 
 
 def unnecessary_refusal(row: dict, scope, rng: random.Random) -> str:
-    """An over-refusal of an in-scope prompt (the rejected side of an in-scope pair): a refusal
-    template naming the row's own topic ("tax/business_expenses" -> "business expenses"), or the
-    scope's capability for flat categories such as "general"."""
+    """An over-refusal of an in-scope prompt (the rejected side of an in-scope pair), written the way a model
+    trained on the refusal templates over-refuses: naming some off-scope topic ("..., not travel planning" to a
+    question about an amended return). With the row's own topic ("not amended returns") the named topic alone
+    told the pairs apart: a reward model learned to score a refusal by its topic, not by the prompt, and PPO
+    then refused every tax question with an off-scope topic (docs/benchmarks.md, round 6). Scopes without
+    off_scope/* topic names fall back to the row's own topic ("tax/business_expenses" -> "business
+    expenses"), or the scope's capability for flat categories such as "general"."""
     names = dict(_get(scope, "topic_names", {}) or {})
+    off_scope = sorted(v for k, v in names.items() if k.startswith("off_scope/"))
     cat = categories(row)[0]
-    topic = names.get(cat) or (topic_of(cat, scope) if "/" in cat else _get(scope, "capability", "that"))
+    topic = (rng.choice(off_scope) if off_scope else
+             names.get(cat) or (topic_of(cat, scope) if "/" in cat else _get(scope, "capability", "that")))
     return _fill(rng.choice(list(_get(scope, "refusal_templates", DEFAULT_REFUSALS))), topic, scope)
 
 
