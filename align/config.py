@@ -97,6 +97,7 @@ class DataConfig:
     on_bad_rows: str = "error"
     rejected_source: str = "template"
     chosen_source: str = "reference"
+    over_refusal_topic: str = "own"
     balance_cap: Optional[int] = None
     target_size: Optional[int] = None
     reuse_built: bool = True

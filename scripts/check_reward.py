@@ -46,9 +46,10 @@ def main(argv: list[str]) -> None:
     own_refused = [v == REFUSED for v in judge.judge(prompts, own)]
     forced_refused = [v == REFUSED for v in judge.judge(prompts, forced)]
     rng = random.Random(cfg.seed)
+    over = cfg.data.over_refusal_topic
     refusals = [own[i] if own_refused[i] else
                 (scope.refusal(r, cfg.scope, rng) if r["expected"] == "refuse"
-                 else scope.unnecessary_refusal(r, cfg.scope, rng)) for i, r in enumerate(rows)]
+                 else scope.unnecessary_refusal(r, cfg.scope, rng, over)) for i, r in enumerate(rows)]
     score = reward.CompletionReward(model, head, tok, batch_size=cfg.eval.batch_size)
     as_turn = lambda texts: [[{"role": "assistant", "content": t}] for t in texts]  # noqa: E731
     s_answer = torch.tensor(score(convs, as_turn(forced)))

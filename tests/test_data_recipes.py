@@ -294,9 +294,8 @@ def test_scope_preference_pairs(tmp_path):
     pairs = {r["prompt"][1]["content"]: r for r in built.pref_train}
     amend = pairs["How do I amend a return?"]
     assert amend["chosen"][0]["content"].startswith("File Form 1040-X")
-    # an over-refusal as a model trained on the templates writes it: naming an off-scope topic, not "amend"
-    assert amend["rejected"][0]["content"] in ("REFUSAL: not cooking advice; only tax questions.",
-                                               "REFUSAL2: cooking advice is out of scope.")
+    assert amend["rejected"][0]["content"] in ("REFUSAL: not amend; only tax questions.",
+                                               "REFUSAL2: amend is out of scope.")  # an over-refusal
     cake = pairs["How do I bake a cake?"]
     assert cake["chosen"][0]["content"].startswith("REFUSAL")
     assert cake["rejected"][0]["content"] in [t.format(task="bake a cake") for t in scope.TASK_TEMPLATES]
@@ -305,17 +304,26 @@ def test_scope_preference_pairs(tmp_path):
         validate(row, "preference")
 
 
-def test_over_refusal_names_an_off_scope_topic_so_the_topic_alone_cannot_tell_pairs_apart():
+def test_over_refusal_can_name_an_off_scope_topic_so_the_topic_alone_cannot_tell_pairs_apart():
     row = {"prompt": "Can I deduct my home office?", "category": "tax/business_expenses", "expected": "answer"}
     names = {"off_scope/cooking": "cooking advice", "off_scope/travel": "travel planning",
              "tax/business_expenses": "business expenses"}
     cfg = OmegaConf.create({**SCOPE, "topic_names": names})
-    seen = {scope.unnecessary_refusal(row, cfg, random.Random(s)) for s in range(40)}
+    seen = {scope.unnecessary_refusal(row, cfg, random.Random(s), "off_scope") for s in range(40)}
     assert {t for t in names.values() if any(t in s for s in seen)} == {"cooking advice", "travel planning"}
-    # without off-scope topics to name, the row's own topic fills the template
-    own = scope.unnecessary_refusal(row, OmegaConf.create({**SCOPE, "topic_names": {}}), random.Random(0))
+    # the default, and off_scope without off-scope topics to name: the row's own topic fills the template
+    assert "business expenses" in scope.unnecessary_refusal(row, cfg, random.Random(0))
+    own = scope.unnecessary_refusal(row, OmegaConf.create({**SCOPE, "topic_names": {}}), random.Random(0), "off_scope")
     assert own in ("REFUSAL: not business expenses; only tax questions.",
                    "REFUSAL2: business expenses is out of scope.")
+
+
+def test_over_refusal_topic_reaches_the_pairs_and_a_bad_value_is_one_clear_error(tmp_path):
+    built = recipes.build(make_cfg(data={**guard_data(tmp_path), "over_refusal_topic": "off_scope"}, scope_cfg=SCOPE))
+    amend = next(p for p in built.pref_train if p["prompt"][1]["content"] == "How do I amend a return?")
+    assert "cooking advice" in amend["rejected"][0]["content"]  # SCOPE's one off-scope topic name
+    with pytest.raises(AlignError, match="data.over_refusal_topic must be own or off_scope, got 'theirs'"):
+        recipes.build(make_cfg(data={**guard_data(tmp_path), "over_refusal_topic": "theirs"}, scope_cfg=SCOPE))
 
 
 def test_policy_answers_replace_templates_only_where_the_policy_complies(tmp_path):

@@ -113,20 +113,21 @@ def refusal(row: dict, scope, rng: random.Random) -> str:
     return _fill(rng.choice(templates), topic_of(cats[0], scope), scope)
 
 
-def unnecessary_refusal(row: dict, scope, rng: random.Random) -> str:
-    """An over-refusal of an in-scope prompt (the rejected side of an in-scope pair), written the way a model
-    trained on the refusal templates over-refuses: naming some off-scope topic ("..., not travel planning" to a
-    question about an amended return). With the row's own topic ("not amended returns") the named topic alone
-    told the pairs apart: a reward model learned to score a refusal by its topic, not by the prompt, and PPO
-    then refused every tax question with an off-scope topic (docs/benchmarks.md, round 6). Scopes without
-    off_scope/* topic names fall back to the row's own topic ("tax/business_expenses" -> "business
-    expenses"), or the scope's capability for flat categories such as "general"."""
+def unnecessary_refusal(row: dict, scope, rng: random.Random, topic: str = "own") -> str:
+    """An over-refusal of an in-scope prompt (the rejected side of an in-scope pair). topic="own" names the row's
+    own topic ("tax/business_expenses" -> "business expenses"; the scope's capability for flat categories such as
+    "general"). topic="off_scope" names a random off-scope topic, as a model trained on the refusal templates
+    over-refuses ("..., not travel planning" to a question about an amended return): with the row's own topic the
+    named topic alone tells the pairs apart, a reward model learns to score refusals by it, and PPO refused every
+    tax question with an off-scope topic (docs/benchmarks.md, round 6). Without off_scope/* topic names, "own"."""
     names = dict(_get(scope, "topic_names", {}) or {})
     off_scope = sorted(v for k, v in names.items() if k.startswith("off_scope/"))
     cat = categories(row)[0]
-    topic = (rng.choice(off_scope) if off_scope else
-             names.get(cat) or (topic_of(cat, scope) if "/" in cat else _get(scope, "capability", "that")))
-    return _fill(rng.choice(list(_get(scope, "refusal_templates", DEFAULT_REFUSALS))), topic, scope)
+    if topic == "off_scope" and off_scope:
+        name = rng.choice(off_scope)
+    else:
+        name = names.get(cat) or (topic_of(cat, scope) if "/" in cat else _get(scope, "capability", "that"))
+    return _fill(rng.choice(list(_get(scope, "refusal_templates", DEFAULT_REFUSALS))), name, scope)
 
 
 def compliant(prompt: str, rng: random.Random) -> str:
@@ -167,8 +168,9 @@ def sft_examples(rows: list, scope, rng: random.Random) -> list:
     return out
 
 
-def preference_pairs(rows: list, scope, rng: random.Random) -> list:
-    """DPO pairs: refusal over compliance for refuse rows, the answer over a needless refusal in scope."""
+def preference_pairs(rows: list, scope, rng: random.Random, over_refusal_topic: str = "own") -> list:
+    """DPO pairs: refusal over compliance for refuse rows, the answer over a needless refusal in scope
+    (over_refusal_topic: see unnecessary_refusal)."""
     out = []
     for row in rows:
         prompt = prompt_messages(row, scope)
@@ -179,7 +181,8 @@ def preference_pairs(rows: list, scope, rng: random.Random) -> list:
                         "rejected": _assistant(rejected), "refuse": True, **_src(row)})
         elif row.get("response"):
             out.append({"prompt": prompt, "chosen": _assistant(row["response"]),
-                        "rejected": _assistant(unnecessary_refusal(row, scope, rng)), "refuse": False, **_src(row)})
+                        "rejected": _assistant(unnecessary_refusal(row, scope, rng, over_refusal_topic)),
+                        "refuse": False, **_src(row)})
     return out
 
 
