@@ -64,7 +64,9 @@ def test_ppo_policy_brings_rm_defaults_that_user_overrides_beat():
 
     cfg = compose("stage=pipeline", "pipeline.policy=ppo", "run.name=p")
     rm = compose_stage(cfg, "rm", [])
-    assert rm.trainer.max_steps == 60 and rm.trainer.learning_rate == 3e-4 and rm.stage.name == "rm"
+    assert rm.trainer.max_steps == 180 and rm.trainer.learning_rate == 3e-4 and rm.stage.name == "rm"
+    assert rm.trainer.max_length == 128 and rm.data.chosen_source == "policy"
+    assert rm.data.over_refusal_topic == "off_scope"
     assert compose_stage(cfg, "sft", []).trainer.max_steps == compose("stage=sft").trainer.max_steps
     # the dpo chain keeps the rm stage's own settings
     assert compose_stage(compose("stage=pipeline", "run.name=p"), "rm", []).trainer.max_steps == 20
@@ -73,4 +75,4 @@ def test_ppo_policy_brings_rm_defaults_that_user_overrides_beat():
                          []).trainer.max_steps == 3
     cfg = compose("stage=pipeline", "pipeline.policy=ppo", 'pipeline.overrides.rm=["trainer.learning_rate=1e-5"]')
     rm = compose_stage(cfg, "rm", [])
-    assert rm.trainer.learning_rate == 1e-5 and rm.trainer.max_steps == 60
+    assert rm.trainer.learning_rate == 1e-5 and rm.trainer.max_steps == 180
