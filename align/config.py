@@ -182,6 +182,8 @@ class PpoConfig:
     missing_eos_penalty: Optional[float] = 1.0
     sample_every: int = 5
     save_every: int = 10
+    rule_weight: float = 0.0
+    rule_judge: str = "classifier"
 
 
 @dataclass

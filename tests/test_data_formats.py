@@ -68,6 +68,9 @@ def test_preference_structure():
 def test_prompt_rows():
     assert reason({"prompt": [USER, BOT]}, "prompt") == "prompt must end with a user turn, last is 'assistant'"
     assert reason({"prompt": "Hi"}, "prompt") == "prompt must be a non-empty list of messages"
+    validate({"prompt": [USER], "expected": "refuse"}, "prompt")
+    assert reason({"prompt": [USER], "expected": "decline"}, "prompt") == \
+        "expected must be one of answer, refuse, got 'decline'"
 
 
 def test_safety_rows():

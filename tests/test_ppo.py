@@ -219,6 +219,45 @@ def test_ppo_raises_a_synthetic_reward(peaky_tiny, tmp_path):
         assert key in state.history[-1]
 
 
+def test_rule_reward_matches_verdicts_to_expected_behaviour():
+    from align import AlignError
+    from align.evaluation.judges import make_judge
+
+    def ask(q):
+        return [{"role": "system", "content": "You are a tax assistant."}, {"role": "user", "content": q}]
+
+    rows = [{"prompt": ask("What is a W-2?"), "expected": "answer"},
+            {"prompt": ask("Bake me a cake."), "expected": "refuse"},
+            {"prompt": ask("Hello there.")}]  # no expected behaviour: no rule
+    rule = reward.RuleReward(make_judge("keyword"), rows)
+    answer, refusal = "A W-2 reports your wages and the tax withheld.", "I can only help with tax questions."
+    prompts = [r["prompt"] for r in rows]
+    assert rule.scores(prompts, [answer, answer, answer]) == [1.0, -1.0, 0.0]
+    assert rule.scores(prompts, [refusal, refusal, refusal]) == [-1.0, 1.0, 0.0]
+    assert rule.scores([ask("Not in the rows.")], [answer]) == [0.0]
+    with pytest.raises(AlignError, match="needs prompt rows with an `expected`"):
+        reward.RuleReward(make_judge("keyword"), rows[2:])
+
+
+def test_rule_reward_adds_to_the_score_at_the_last_token(adapters_dir):
+    from accelerate import Accelerator
+
+    model, head, tok = policy_with_reward(adapters_dir)
+    pv = ppo.PolicyValue(model, ppo.new_value_head(model))
+    prompts = ppo.encode_prompts(tok, [{"prompt": [{"role": "user", "content": f"Question {i}?"}]}
+                                       for i in range(3)], 64)
+    torch.manual_seed(0)
+    batch = ppo.rollout(model, tok, prompts, ppo.generation_config(tok, model, 6, True))
+    pcfg = PpoConfig(reward_norm=False, missing_eos_penalty=None, rule_weight=2.0)
+    reward_fn = reward.rollout_reward(model, head, tok)
+    signs = torch.tensor([1.0, -1.0, 0.0])
+    plain = ppo.score_rollout(pv, batch, reward_fn, ppo.LoopState(beta=0.1), pcfg, Accelerator(cpu=True), 3)
+    ruled = ppo.score_rollout(pv, batch, reward_fn, ppo.LoopState(beta=0.1), pcfg, Accelerator(cpu=True), 3,
+                              rule_fn=lambda b: signs)
+    assert torch.allclose(ruled["rewards"] - plain["rewards"], 2.0 * signs, atol=1e-5)
+    assert torch.equal(ruled["rule"], signs) and not plain["rule"].any()
+
+
 # --- the stage -----------------------------------------------------------------------------------
 
 
@@ -259,6 +298,23 @@ def test_stage_end_to_end_and_resume(tmp_path, adapters_dir):
     assert m2["train/updates"] == 4
     # same RNG, data order and weights after the checkpoint: the resumed run repeats the original exactly
     assert history[2]["reward_mean"] == pytest.approx(metrics["history"][2]["reward_mean"], abs=1e-5)
+
+
+def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir):
+    from align import AlignError
+
+    finished_parents(tmp_path, adapters_dir)
+    args = [a for a in PPO_FAST if not a.startswith(("data=", "scope=", "ppo.save_every"))]
+    scoped = [*args, "data=tax_assistant", "scope=tax_assistant", "data.max_rows=12", "ppo.save_every=0"]
+    with pytest.raises(AlignError, match="ppo.rule_judge must be keyword or classifier, got 'llm'"):
+        run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_judge=llm")
+    with pytest.raises(AlignError, match="needs prompt rows with an `expected`"):
+        run_stage(tmp_path, *PPO_FAST, "ppo.rule_weight=1.0")
+    m = run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_judge=keyword")
+    history = json.loads((tmp_path / "t" / "ppo" / "metrics.json").read_text())["history"]
+    # every scope prompt expects a behaviour, so each of the 4 rollouts scores +1 or -1 (never 0)
+    assert all(h["rule_mean"] in (-1.0, -0.5, 0.0, 0.5, 1.0) for h in history)
+    assert -1 <= m["eval/rule_sft"] <= 1 and -1 <= m["eval/rule_ppo"] <= 1
 
 
 def test_stage_refuses_parents_of_another_base(tmp_path, adapters_dir):

@@ -12,11 +12,12 @@ EXPECTED = ("answer", "refuse")
 
 # optional keys each kind may carry besides its own (id/source are kept for provenance only;
 # `system` lets a scope-eval prompt carry its own system prompt, e.g. from the off_topic dataset;
-# `refuse` marks which side of the scope a built preference pair's prompt is on, for on-policy negatives)
+# `refuse` marks which side of the scope a built preference pair's prompt is on, for on-policy negatives;
+# `expected` on a prompt row is the behaviour it asks for, for PPO's rule reward)
 EXTRA_KEYS = {
     "sft": ("id", "source"),
     "preference": ("id", "source", "refuse"),
-    "prompt": ("id", "source"),
+    "prompt": ("id", "source", "expected"),
     "safety": ("id", "source"),
     "scope_eval": ("id", "source", "system"),
 }
@@ -116,6 +117,8 @@ def _check_preference(row) -> None:
 
 def _check_prompt(row) -> None:
     _check_prompt_list(row["prompt"], "prompt")
+    if "expected" in row and row["expected"] not in EXPECTED:
+        raise ValueError(f"expected must be one of {', '.join(EXPECTED)}, got {row['expected']!r}")
 
 
 def _text(row, key: str) -> None:

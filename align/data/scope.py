@@ -220,5 +220,6 @@ def _policy_side(pairs: list, selected, side: str, generate_fn, is_refusal) -> t
 
 
 def prompt_rows(rows: list, scope) -> list:
-    """Prompt-only rows for PPO rollouts, from in-scope and refuse rows alike."""
-    return [{"prompt": prompt_messages(row, scope), **_src(row)} for row in rows]
+    """Prompt-only rows for PPO rollouts, from in-scope and refuse rows alike, with the expected behaviour."""
+    return [{"prompt": prompt_messages(row, scope), "expected": "refuse" if is_refuse(row) else "answer", **_src(row)}
+            for row in rows]

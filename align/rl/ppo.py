@@ -3,7 +3,8 @@
     rollout  -> sample responses to a batch of prompts with the policy adapter (left-padded prompts)
     score    -> reward-model score of each response (adapter "reward" + its score head), old log-probs
                 and values (adapter "policy" + value head), reference log-probs (adapter "ref")
-    rewards  -> per token: -beta * KL(policy || ref), plus the (normalised) score at the last response token
+    rewards  -> per token: -beta * KL(policy || ref), plus the (normalised) score at the last response token,
+                plus rule_weight * the rule reward there when one is given (align/rl/reward.py's rule_reward)
     GAE      -> advantages and returns over the response tokens, advantages whitened
     update   -> several epochs of shuffled minibatches: clipped policy surrogate + clipped value loss,
                 gradient accumulation over micro-batches, gradient clipping
@@ -464,7 +465,7 @@ def prompt_batch(prompts: list, update: int, batch_size: int, rank: int, world: 
 
 @torch.no_grad()
 def score_rollout(policy_value: PolicyValue, batch: Rollout, reward_fn, state: LoopState, pcfg, accelerator,
-                  chunk: int) -> dict:
+                  chunk: int, rule_fn=None) -> dict:
     """Old log-probs, values, reference log-probs, scores -> rewards, advantages, returns (and stats)."""
     model = policy_value.model
     ids, attn, R = batch.input_ids, batch.attention_mask, batch.response_ids.shape[1]
@@ -484,6 +485,8 @@ def score_rollout(policy_value: PolicyValue, batch: Rollout, reward_fn, state: L
     if pcfg.reward_norm:
         state.moments.update(all_raw)
     scores = shape_scores(raw, batch.has_eos, state.moments if pcfg.reward_norm else None, pcfg.missing_eos_penalty)
+    rule = rule_fn(batch).float().to(ids.device) if rule_fn is not None else torch.zeros_like(raw)
+    scores = scores + pcfg.rule_weight * rule
     rewards, kl = per_token_rewards(scores, old_logp, ref_logp, mask, state.beta, pcfg.kl_estimator)
     if pcfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
@@ -491,18 +494,19 @@ def score_rollout(policy_value: PolicyValue, batch: Rollout, reward_fn, state: L
     advantages = masked_whiten(advantages, mask)
     return {
         "old_logp": old_logp, "values": values, "advantages": advantages, "returns": returns,
-        "raw": raw, "all_raw": all_raw, "kl": kl.sum(-1), "rewards": rewards.sum(-1),
+        "raw": raw, "all_raw": all_raw, "kl": kl.sum(-1), "rewards": rewards.sum(-1), "rule": rule,
     }
 
 
 def train(policy_value: PolicyValue, tokenizer, prompts: list, reward_fn: Callable[[Rollout], torch.Tensor],
           pcfg, accelerator, *, optimizer=None, tracker=None, out: Path | None = None, seed: int = 0,
           max_grad_norm: float = 1.0, max_prompt_length: int = 512, resume: bool = False,
-          save_total_limit: int | None = None, on_update: Callable[["LoopState"], None] | None = None
-          ) -> LoopState:
+          save_total_limit: int | None = None, on_update: Callable[["LoopState"], None] | None = None,
+          rule_fn: Callable[[Rollout], torch.Tensor] | None = None) -> LoopState:
     """Run pcfg.num_updates PPO updates. `prompts`: prompt-only rows. `reward_fn(rollout) -> (B,)` raw scores
-    (the reward model, see align/rl/reward.py's rollout_reward; tests inject synthetic ones). The accelerator's
-    gradient_accumulation_steps sets the micro-batch: mini_batch_size / gradient_accumulation_steps."""
+    (the reward model, see align/rl/reward.py's rollout_reward; tests inject synthetic ones); `rule_fn` the
+    same for a rule reward in [-1, 1], weighted by pcfg.rule_weight after the scores are normalised. The
+    accelerator's gradient_accumulation_steps sets the micro-batch: mini_batch_size / gradient_accumulation_steps."""
     B, M, accum = pcfg.rollout_batch_size, pcfg.mini_batch_size, accelerator.gradient_accumulation_steps
     if B % M or M % accum:
         raise AlignError(f"ppo.rollout_batch_size ({B}) must be a multiple of ppo.mini_batch_size ({M}), "
@@ -539,7 +543,7 @@ def train(policy_value: PolicyValue, tokenizer, prompts: list, reward_fn: Callab
         policy_value.train()
         with accelerator.autocast():  # same precision as the training forward, so old/new log-probs compare
             batch = rollout(model, tokenizer, rows, gen)
-            data = score_rollout(policy_value, batch, reward_fn, state, pcfg, accelerator, micro)
+            data = score_rollout(policy_value, batch, reward_fn, state, pcfg, accelerator, micro, rule_fn)
         mask = batch.response_mask
         ids, attn, R = batch.input_ids, batch.attention_mask, batch.response_ids.shape[1]
 
@@ -588,6 +592,8 @@ def train(policy_value: PolicyValue, tokenizer, prompts: list, reward_fn: Callab
             "beta": controller.value,
             "response_length": lengths.float().mean().item(),
             "eos_rate": eos_rate,
+            # mean rule reward: 1 when every rollout behaved as its prompt expects, -1 when none did
+            "rule_mean": accelerator.gather(data["rule"]).mean().item(),
             **{k: float(v) for k, v in zip(keys, averaged.tolist())},
         }
         controller.update(kl_mean, B * world)
@@ -596,8 +602,9 @@ def train(policy_value: PolicyValue, tokenizer, prompts: list, reward_fn: Callab
         record["seconds"] = time.perf_counter() - started
         state.history.append(record)
         if main:
-            log.info("ppo update %d/%d: reward %.3f kl %.3f beta %.4f entropy %.2f clipfrac %.3f len %.1f (%.1fs)",
-                     record["update"], pcfg.num_updates, record["reward_mean"], record["kl"], record["beta"],
+            log.info("ppo update %d/%d: reward %.3f rule %.2f kl %.3f beta %.4f entropy %.2f clipfrac %.3f len %.1f "
+                     "(%.1fs)", record["update"], pcfg.num_updates, record["reward_mean"], record["rule_mean"],
+                     record["kl"], record["beta"],
                      record["entropy"], record["clipfrac"], record["response_length"], record["seconds"])
             if tracker is not None:
                 tracker.log({f"train/{k}": v for k, v in record.items() if k != "update"}, step=record["update"])

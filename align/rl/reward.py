@@ -4,6 +4,8 @@ load_reward() loads the rm adapter into the policy's PeftModel as a frozen adapt
 the score head beside it; both PPO and GRPO use it:
   - PPO: rollout_reward() scores token-level rollouts (align/rl/ppo.py's Rollout);
   - GRPO: CompletionReward is a TRL reward function scoring prompt + completion texts.
+rule_reward() is PPO's optional behaviour term beside it: a judge's verdict against each prompt's expected
+behaviour (rule-based rewards for safety, as in OpenAI's RBR and Llama 2's safety reward gating).
 
 The rm stage trains AutoModelForSequenceClassification(num_labels=1) + LoRA (task SEQ_CLS) with TRL's
 RewardTrainer on chat-templated conversations, pooled at the last token; peft saves the score head with
@@ -13,6 +15,7 @@ score_head(last hidden state) with adapter "reward" active, read where the seque
 reads it: at the rightmost non-pad token.
 """
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -22,7 +25,8 @@ import torch
 from torch import nn
 
 from align import AlignError
-from align.rl.ppo import REWARD, Rollout, eos_ids, last_hidden, use_adapter
+from align.evaluation.judges import REFUSED
+from align.rl.ppo import REWARD, Rollout, eos_ids, last_hidden, last_user, use_adapter
 
 log = logging.getLogger(__name__)
 
@@ -146,3 +150,31 @@ class CompletionReward:
             scores += reward_scores(self.model, self.score_head, enc["input_ids"], enc["attention_mask"], last,
                                     self.adapter_name).tolist()
         return scores
+
+
+def prompt_key(messages: list) -> str:
+    return json.dumps(messages, sort_keys=True)
+
+
+class RuleReward:
+    """+1 where `judge` finds the behaviour a prompt row expects (answer or refuse), -1 where not, 0 for prompts
+    without an `expected`. Why: a reward model trained on the same prompts as the policy was no better than the
+    policy at telling in-scope from off-scope (docs/benchmarks.md, round 6), and PPO drifted to answering."""
+
+    def __init__(self, judge, rows: list):
+        self.judge = judge
+        self.expected = {prompt_key(r["prompt"]): r["expected"] for r in rows if r.get("expected")}
+        if not self.expected:
+            raise AlignError("ppo.rule_weight > 0 needs prompt rows with an `expected` behaviour (answer or "
+                             "refuse); scope data (safety and scope_eval rows) gives them, plain prompt rows do not")
+
+    def scores(self, prompts: list, texts: list) -> list[float]:
+        verdicts = self.judge.judge([last_user(p) for p in prompts], texts)
+        out = []
+        for prompt, verdict in zip(prompts, verdicts):
+            want = self.expected.get(prompt_key(prompt))
+            out.append(0.0 if want is None else 1.0 if (verdict == REFUSED) == (want == "refuse") else -1.0)
+        return out
+
+    def __call__(self, batch: Rollout) -> torch.Tensor:
+        return torch.tensor(self.scores(batch.prompts, batch.texts), device=batch.query_ids.device)

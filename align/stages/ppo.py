@@ -1,7 +1,8 @@
 """Stage ppo: PPO on one frozen base, with the SFT adapter as policy and reference and the rm stage's
 adapter as reward model (align/rl/ppo.py holds the algorithm).
 
-Recipe: resolve sft + rm -> prompts -> base + adapters "policy", "ref", "reward" + value head -> PPO
+Recipe: resolve sft + rm -> prompts -> base + adapters "policy", "ref", "reward" + value head
+-> the rule reward's judge, when prompts carry their expected behaviour (ppo.rule_weight) -> PPO
 -> held-out reward of the SFT policy vs the PPO policy -> save adapter + value head -> manifest.
 """
 
@@ -13,6 +14,7 @@ import torch
 
 from align import AlignError, adapters, models, runs, tracking
 from align.data import recipes
+from align.evaluation import judges
 from align.rl import ppo, reward
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,16 @@ def same_base(cfg, stage_dir):
     return stage_dir
 
 
+def rule_reward(cfg, rows: list):
+    """The behaviour term (align/rl/reward.py's RuleReward) when prompts carry an expected behaviour: in the
+    reward with weight ppo.rule_weight, and logged as rule_mean even at weight 0."""
+    if not cfg.ppo.rule_weight and not any(r.get("expected") for r in rows):
+        return None
+    if cfg.ppo.rule_judge not in ("keyword", "classifier"):
+        raise AlignError(f"ppo.rule_judge must be keyword or classifier, got {cfg.ppo.rule_judge!r}")
+    return reward.RuleReward(judges.make_judge(cfg.ppo.rule_judge), rows)
+
+
 def run(cfg) -> dict:
     from accelerate.utils import gather_object
 
@@ -53,6 +65,7 @@ def run(cfg) -> dict:
     accelerator.wait_for_everyone()
     tokenizer = models.load_tokenizer(cfg.model)
     train_rows, eval_rows = recipes.load(cfg, "prompt", tokenizer)
+    rule_fn = rule_reward(cfg, train_rows + eval_rows)
     if main:
         log.info("ppo: %d train prompts, %d eval prompts; policy %s, reward %s", len(train_rows), len(eval_rows),
                  sft_dir, rm_dir)
@@ -79,7 +92,7 @@ def run(cfg) -> dict:
         tracker=tracker, out=out, seed=cfg.seed, max_grad_norm=cfg.trainer.max_grad_norm,
         max_prompt_length=cfg.trainer.max_length - cfg.ppo.max_new_tokens, resume=cfg.run.resume,
         save_total_limit=cfg.trainer.save_total_limit,
-        on_update=progress,
+        on_update=progress, rule_fn=rule_fn,
     )
 
     # held-out comparison: the SFT policy (adapter "ref") vs the PPO policy, greedy, scored by the RM
@@ -103,6 +116,9 @@ def run(cfg) -> dict:
         "eval/length_sft": mean(results["sft"]["lengths"]),
         "eval/length_ppo": mean(results["ppo"]["lengths"]),
         "eval/n_prompts": len(results["ppo"]["scores"]),
+        # mean rule reward of the greedy answers (1 = all behave as their prompt expects), where prompts say
+        **({f"eval/rule_{k}": mean(rule_fn.scores([s[0] for s in r["samples"]], [s[1] for s in r["samples"]]))
+            for k, r in results.items()} if rule_fn is not None else {}),
         "eval/on_train_prompts": not eval_rows,
         "train/updates": state.update,
         "train/first_reward": history[0]["reward_mean"] if history else None,
@@ -113,6 +129,9 @@ def run(cfg) -> dict:
         **counts,
     }
     metrics["eval/reward_delta"] = metrics["eval/reward_ppo"] - metrics["eval/reward_sft"]
+    if rule_fn is not None:
+        log.info("ppo eval: rule reward sft %.3f -> ppo %.3f (judge %s)", metrics["eval/rule_sft"],
+                 metrics["eval/rule_ppo"], cfg.ppo.rule_judge)
     log.info("ppo eval: reward sft %.3f -> ppo %.3f (delta %+.3f) on %d prompts", metrics["eval/reward_sft"],
              metrics["eval/reward_ppo"], metrics["eval/reward_delta"], metrics["eval/n_prompts"])
 
