@@ -239,6 +239,22 @@ def test_rule_reward_matches_verdicts_to_expected_behaviour():
         reward.RuleReward(make_judge("keyword"), rows[2:])
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_value_loss_reaches_the_policy_adapter_only_with_a_shared_critic(adapters_dir, shared):
+    model, _, tok = policy_with_reward(adapters_dir)
+    pv = ppo.PolicyValue(model, ppo.new_value_head(model), shared_critic=shared)
+    with torch.no_grad():
+        pv.value_head.weight.normal_(0, 0.1)  # a zero head passes no gradient back to the trunk either way
+    ids = torch.tensor([tok("What is a W-2? It reports wages.")["input_ids"]])
+    _, values = pv(ids, torch.ones_like(ids), 4)
+    (values ** 2).mean().backward()
+    policy = [p for group in pv.clip_groups() for p in group if p.grad is not None and p is not pv.value_head.weight
+              and p is not pv.value_head.bias]
+    assert pv.value_head.weight.grad.abs().sum() > 0
+    assert (sum(p.grad.abs().sum() for p in policy) > 0) == shared
+    assert len(pv.clip_groups()) == (1 if shared else 2)
+
+
 def test_rule_reward_adds_to_the_score_at_the_last_token(adapters_dir):
     from accelerate import Accelerator
 

@@ -15,8 +15,10 @@ The models: one base (optionally 4-bit), a PeftModel holding
   "ref"     a frozen copy of the same SFT adapter: the reference is the SFT policy (not the bare base),
   "reward"  the rm stage's adapter, frozen, with its score head kept beside it (align/rl/reward.py),
 and a value head Linear(hidden, 1) on the policy's last hidden states: the critic shares the policy's
-forward pass and trunk (its loss, weighted by vf_coef, also reaches the policy adapter, as in the classic
-shared actor-critic). Only the policy adapter and the value head require grad. LoRA copies are
+forward pass. By default it reads them detached and its gradients are clipped apart from the policy's:
+with the value loss reaching the policy adapter (ppo.shared_critic, the classic shared actor-critic) its
+gradient was 10-60x the policy's, and after joint clipping the critic set the update (docs/benchmarks.md,
+round 7). Only the policy adapter and the value head require grad. LoRA copies are
 megabytes; the base is loaded once.
 
 Shapes: B sequences, P prompt tokens (left padded), R response tokens (right padded). Masks are float
@@ -289,19 +291,28 @@ class PolicyValue(nn.Module):
     """The trainable part, as one module (what DDP wraps): the policy adapter inside the PeftModel
     and the value head. forward -> (logits, values) at the R positions predicting the response tokens."""
 
-    def __init__(self, model, value_head: nn.Linear):
+    def __init__(self, model, value_head: nn.Linear, shared_critic: bool = False):
         super().__init__()
         self.model = model
         self.value_head = value_head
+        self.shared_critic = shared_critic  # True: the value loss also trains the policy adapter
 
     def forward(self, input_ids, attention_mask, n_response: int, temperature: float = 1.0):
         hidden = last_hidden(self.model, input_ids, attention_mask)[:, -n_response - 1:-1]
         logits = lm_head(self.model)(hidden).float() / temperature
-        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        critic_in = hidden if self.shared_critic else hidden.detach()
+        values = self.value_head(critic_in.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return logits, values
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter groups clipped each on its own: one with a shared critic, else policy and value head."""
+        if self.shared_critic:
+            return [self.trainable()]
+        head = {id(p) for p in self.value_head.parameters()}
+        return [[p for p in self.trainable() if id(p) not in head], list(self.value_head.parameters())]
 
 
 def new_value_head(model) -> nn.Linear:
@@ -564,8 +575,12 @@ def train(policy_value: PolicyValue, tokenizer, prompts: list, reward_fn: Callab
                         loss = pg + pcfg.vf_coef * vf
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and max_grad_norm:
-                            norm = accelerator.clip_grad_norm_(policy_value.trainable(), max_grad_norm)
-                            stats.setdefault("grad_norm", []).append(float(norm))
+                            # grad_norm: the policy's (with a shared critic, the joint one); value_grad_norm: the head's
+                            groups = policy_value.clip_groups()
+                            norms = [float(accelerator.clip_grad_norm_(g, max_grad_norm)) for g in groups]
+                            stats.setdefault("grad_norm", []).append(norms[0])
+                            if len(norms) > 1:
+                                stats.setdefault("value_grad_norm", []).append(norms[1])
                         optimizer.step()
                         optimizer.zero_grad()
                     with torch.no_grad():

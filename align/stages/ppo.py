@@ -73,7 +73,7 @@ def run(cfg) -> dict:
     model = ppo.load_policy(cfg, tokenizer, sft_dir, device=accelerator.device)
     score_head = reward.load_reward(model, rm_dir)
     ppo.check_trainable(model)
-    policy_value = ppo.PolicyValue(model, ppo.new_value_head(model))
+    policy_value = ppo.PolicyValue(model, ppo.new_value_head(model), cfg.ppo.shared_critic)
     counts = adapters.param_counts(model)
     if main:
         log.info("trainable params: %d of %d (%.2f%%) + value head", counts["trainable_params"],
