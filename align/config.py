@@ -184,6 +184,7 @@ class PpoConfig:
     save_every: int = 10
     rule_weight: float = 0.0
     rule_judge: str = "classifier"
+    rule_behaviours: list = field(default_factory=lambda: ["answer", "refuse"])
     shared_critic: bool = False
 
 

@@ -235,7 +235,9 @@ def test_rule_reward_matches_verdicts_to_expected_behaviour():
     assert rule.scores(prompts, [answer, answer, answer]) == [1.0, -1.0, 0.0]
     assert rule.scores(prompts, [refusal, refusal, refusal]) == [-1.0, 1.0, 0.0]
     assert rule.scores([ask("Not in the rows.")], [answer]) == [0.0]
-    with pytest.raises(AlignError, match="needs prompt rows with an `expected`"):
+    refuse_only = reward.RuleReward(make_judge("keyword"), rows, ["refuse"])  # answers left to the reward model
+    assert refuse_only.scores(prompts, [answer, answer, answer]) == [0.0, -1.0, 0.0]
+    with pytest.raises(AlignError, match="needs prompt rows expecting answer or refuse"):
         reward.RuleReward(make_judge("keyword"), rows[2:])
 
 
@@ -324,7 +326,9 @@ def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir):
     scoped = [*args, "data=tax_assistant", "scope=tax_assistant", "data.max_rows=12", "ppo.save_every=0"]
     with pytest.raises(AlignError, match="ppo.rule_judge must be keyword or classifier, got 'llm'"):
         run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_judge=llm")
-    with pytest.raises(AlignError, match="needs prompt rows with an `expected`"):
+    with pytest.raises(AlignError, match=r"ppo.rule_behaviours must list answer and/or refuse, got \['comply'\]"):
+        run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_behaviours=[comply]")
+    with pytest.raises(AlignError, match="needs prompt rows expecting answer or refuse"):
         run_stage(tmp_path, *PPO_FAST, "ppo.rule_weight=1.0")
     m = run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_judge=keyword")
     history = json.loads((tmp_path / "t" / "ppo" / "metrics.json").read_text())["history"]

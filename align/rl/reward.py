@@ -161,12 +161,14 @@ class RuleReward:
     without an `expected`. Why: a reward model trained on the same prompts as the policy was no better than the
     policy at telling in-scope from off-scope (docs/benchmarks.md, round 6), and PPO drifted to answering."""
 
-    def __init__(self, judge, rows: list):
+    def __init__(self, judge, rows: list, behaviours=("answer", "refuse")):
         self.judge = judge
-        self.expected = {prompt_key(r["prompt"]): r["expected"] for r in rows if r.get("expected")}
+        # only prompts expecting one of `behaviours` get a rule (e.g. refuse alone: the RM judges answers)
+        self.expected = {prompt_key(r["prompt"]): r["expected"] for r in rows if r.get("expected") in behaviours}
         if not self.expected:
-            raise AlignError("ppo.rule_weight > 0 needs prompt rows with an `expected` behaviour (answer or "
-                             "refuse); scope data (safety and scope_eval rows) gives them, plain prompt rows do not")
+            raise AlignError(f"ppo.rule_weight > 0 needs prompt rows expecting {' or '.join(behaviours)} (the "
+                             "`expected` key); scope data (safety and scope_eval rows) gives them, plain prompt "
+                             "rows do not")
 
     def scores(self, prompts: list, texts: list) -> list[float]:
         verdicts = self.judge.judge([last_user(p) for p in prompts], texts)

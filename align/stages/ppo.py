@@ -50,7 +50,10 @@ def rule_reward(cfg, rows: list):
         return None
     if cfg.ppo.rule_judge not in ("keyword", "classifier"):
         raise AlignError(f"ppo.rule_judge must be keyword or classifier, got {cfg.ppo.rule_judge!r}")
-    return reward.RuleReward(judges.make_judge(cfg.ppo.rule_judge), rows)
+    behaviours = list(cfg.ppo.rule_behaviours)
+    if not behaviours or set(behaviours) - {"answer", "refuse"}:
+        raise AlignError(f"ppo.rule_behaviours must list answer and/or refuse, got {behaviours}")
+    return reward.RuleReward(judges.make_judge(cfg.ppo.rule_judge), rows, behaviours)
 
 
 def run(cfg) -> dict:
