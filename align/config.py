@@ -186,6 +186,7 @@ class PpoConfig:
     rule_judge: str = "classifier"
     rule_behaviours: list = field(default_factory=lambda: ["answer", "refuse"])
     shared_critic: bool = False
+    advantage_whitening: str = "token"
 
 
 @dataclass

@@ -45,6 +45,18 @@ def test_masked_whiten():
     assert approx(masked_whiten(y, full, shift_mean=False), [[3.0, 4.0, 5.0]])
 
 
+def test_whiten_per_sequence_weighs_a_short_response_like_a_long_one():
+    # a 3-token response with advantage 1 and a 1-token one with -1
+    x = torch.tensor([[1.0, 1.0, 1.0], [-1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    # per token: mean 0.5, unbiased var 1 -> the long one barely positive, the short one far below
+    assert approx(masked_whiten(x, mask), [[0.5, 0.5, 0.5], [-1.5, 0.0, 0.0]])
+    # per sequence: mean 0, var (1 + 1) / 1 over 2 responses -> +-1/sqrt(2), symmetric
+    r = 2 ** -0.5
+    per_seq = masked_whiten(x, mask, weights=mask / mask.sum(-1, keepdim=True))
+    assert approx(per_seq, [[r, r, r], [-r, 0.0, 0.0]])
+
+
 def test_running_moments_merge_batches():
     m = RunningMoments()
     m.update(torch.tensor([1.0, 2.0, 3.0]))

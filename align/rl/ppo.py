@@ -69,9 +69,12 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; shift_mean=False keeps the mean (only rescales)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; shift_mean=False keeps the mean (only rescales). `weights`
+    (default: the mask) weigh the entries in the mean and variance, e.g. 1/length to weigh sequences equally."""
+    w = mask if weights is None else weights
+    mean, var = masked_mean(x, w), masked_var(x, w)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -502,7 +505,11 @@ def score_rollout(policy_value: PolicyValue, batch: Rollout, reward_fn, state: L
     if pcfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = gae(rewards, values, mask, pcfg.gamma, pcfg.lam)
-    advantages = masked_whiten(advantages, mask)
+    # per token, long answers outweigh short refusals in the mean, which then pushes every first token away
+    # from refusing; per sequence, each response counts once
+    per_sequence = pcfg.advantage_whitening == "sequence"
+    advantages = masked_whiten(advantages, mask, weights=mask / mask.sum(-1, keepdim=True).clamp(min=1)
+                               if per_sequence else None)
     return {
         "old_logp": old_logp, "values": values, "advantages": advantages, "returns": returns,
         "raw": raw, "all_raw": all_raw, "kl": kl.sum(-1), "rewards": rewards.sum(-1), "rule": rule,
@@ -522,6 +529,8 @@ def train(policy_value: PolicyValue, tokenizer, prompts: list, reward_fn: Callab
     if B % M or M % accum:
         raise AlignError(f"ppo.rollout_batch_size ({B}) must be a multiple of ppo.mini_batch_size ({M}), "
                          f"itself a multiple of trainer.gradient_accumulation_steps ({accum})")
+    if pcfg.advantage_whitening not in ("token", "sequence"):
+        raise AlignError(f"ppo.advantage_whitening must be token or sequence, got {pcfg.advantage_whitening!r}")
     micro = M // accum
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     model = policy_value.model
