@@ -330,6 +330,8 @@ def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir):
         run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_behaviours=[comply]")
     with pytest.raises(AlignError, match="needs prompt rows expecting answer or refuse"):
         run_stage(tmp_path, *PPO_FAST, "ppo.rule_weight=1.0")
+    with pytest.raises(AlignError, match="ppo.advantage_whitening must be token or sequence, got 'both'"):
+        run_stage(tmp_path, *PPO_FAST, "ppo.advantage_whitening=both")
     m = run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_judge=keyword")
     history = json.loads((tmp_path / "t" / "ppo" / "metrics.json").read_text())["history"]
     # every scope prompt expects a behaviour, so each of the 4 rollouts scores +1 or -1 (never 0)

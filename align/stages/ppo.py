@@ -60,6 +60,8 @@ def run(cfg) -> dict:
     from accelerate.utils import gather_object
 
     started = time.time()
+    if cfg.ppo.advantage_whitening not in ("token", "sequence"):  # before minutes of loading, not after
+        raise AlignError(f"ppo.advantage_whitening must be token or sequence, got {cfg.ppo.advantage_whitening!r}")
     accelerator = accelerator_for(cfg)
     main = accelerator.is_main_process
     sft_dir = runs.adapter_of(same_base(cfg, runs.find_parent(cfg, ("sft",), cfg.stage.init_from, needed_by="ppo")))
