@@ -168,7 +168,7 @@ class RuleReward:
         if not self.expected:
             raise AlignError(f"ppo.rule_weight > 0 needs prompt rows expecting {' or '.join(behaviours)} (the "
                              "`expected` key); scope data (safety and scope_eval rows) gives them, plain prompt "
-                             "rows do not")
+                             "rows do not: set ppo.rule_weight=0 to train on the reward model alone")
 
     def scores(self, prompts: list, texts: list) -> list[float]:
         verdicts = self.judge.judge([last_user(p) for p in prompts], texts)
