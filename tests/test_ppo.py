@@ -292,6 +292,7 @@ def test_stage_end_to_end_and_resume(tmp_path, adapters_dir):
     assert m["eval/n_prompts"] == 4 and m["train/updates"] == 4
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["history"]) == 4 and metrics["history"][-1]["update"] == 4
+    assert "rule_mean" not in metrics["history"][-1]  # plain prompts expect nothing: no rule, no rule figure
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["parents"]) == {"sft", "rm"} and manifest["world_size"] == 1
     assert (out / "value_head.safetensors").exists()

@@ -4,7 +4,7 @@
     score    -> reward-model score of each response (adapter "reward" + its score head), old log-probs
                 and values (adapter "policy" + value head), reference log-probs (adapter "ref")
     rewards  -> per token: -beta * KL(policy || ref), plus the (normalised) score at the last response token,
-                plus rule_weight * the rule reward there when one is given (align/rl/reward.py's rule_reward)
+                plus rule_weight * the rule reward there when one is given (align/rl/reward.py's RuleReward)
     GAE      -> advantages and returns over the response tokens, advantages whitened
     update   -> several epochs of shuffled minibatches: clipped policy surrogate + clipped value loss,
                 gradient accumulation over micro-batches, gradient clipping
@@ -505,8 +505,8 @@ def score_rollout(policy_value: PolicyValue, batch: Rollout, reward_fn, state: L
     if pcfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = gae(rewards, values, mask, pcfg.gamma, pcfg.lam)
-    # per token, long answers outweigh short refusals in the mean, which then pushes every first token away
-    # from refusing; per sequence, each response counts once
+    # per token, long answers weigh more in the mean than short refusals; per sequence each response counts once
+    # (no measurable difference on dev, docs/benchmarks.md round 7)
     per_sequence = pcfg.advantage_whitening == "sequence"
     advantages = masked_whiten(advantages, mask, weights=mask / mask.sum(-1, keepdim=True).clamp(min=1)
                                if per_sequence else None)
@@ -514,6 +514,17 @@ def score_rollout(policy_value: PolicyValue, batch: Rollout, reward_fn, state: L
         "old_logp": old_logp, "values": values, "advantages": advantages, "returns": returns,
         "raw": raw, "all_raw": all_raw, "kl": kl.sum(-1), "rewards": rewards.sum(-1), "rule": rule,
     }
+
+
+def check_options(pcfg) -> None:
+    """The ppo.* choices, checked before anything is loaded."""
+    if pcfg.advantage_whitening not in ("token", "sequence"):
+        raise AlignError(f"ppo.advantage_whitening must be token or sequence, got {pcfg.advantage_whitening!r}")
+    if pcfg.rule_judge not in ("keyword", "classifier"):
+        raise AlignError(f"ppo.rule_judge must be keyword or classifier, got {pcfg.rule_judge!r}")
+    behaviours = list(pcfg.rule_behaviours)
+    if not behaviours or set(behaviours) - {"answer", "refuse"}:
+        raise AlignError(f"ppo.rule_behaviours must list answer and/or refuse, got {behaviours}")
 
 
 def train(policy_value: PolicyValue, tokenizer, prompts: list, reward_fn: Callable[[Rollout], torch.Tensor],
@@ -529,8 +540,7 @@ def train(policy_value: PolicyValue, tokenizer, prompts: list, reward_fn: Callab
     if B % M or M % accum:
         raise AlignError(f"ppo.rollout_batch_size ({B}) must be a multiple of ppo.mini_batch_size ({M}), "
                          f"itself a multiple of trainer.gradient_accumulation_steps ({accum})")
-    if pcfg.advantage_whitening not in ("token", "sequence"):
-        raise AlignError(f"ppo.advantage_whitening must be token or sequence, got {pcfg.advantage_whitening!r}")
+    check_options(pcfg)
     micro = M // accum
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     model = policy_value.model
@@ -617,7 +627,7 @@ def train(policy_value: PolicyValue, tokenizer, prompts: list, reward_fn: Callab
             "response_length": lengths.float().mean().item(),
             "eos_rate": eos_rate,
             # mean rule reward: 1 when every rollout behaved as its prompt expects, -1 when none did
-            "rule_mean": accelerator.gather(data["rule"]).mean().item(),
+            **({"rule_mean": accelerator.gather(data["rule"]).mean().item()} if rule_fn is not None else {}),
             **{k: float(v) for k, v in zip(keys, averaged.tolist())},
         }
         controller.update(kl_mean, B * world)
@@ -626,9 +636,9 @@ def train(policy_value: PolicyValue, tokenizer, prompts: list, reward_fn: Callab
         record["seconds"] = time.perf_counter() - started
         state.history.append(record)
         if main:
-            log.info("ppo update %d/%d: reward %.3f rule %.2f kl %.3f beta %.4f entropy %.2f clipfrac %.3f len %.1f "
-                     "(%.1fs)", record["update"], pcfg.num_updates, record["reward_mean"], record["rule_mean"],
-                     record["kl"], record["beta"],
+            rule = f" rule {record['rule_mean']:.2f}" if "rule_mean" in record else ""
+            log.info("ppo update %d/%d: reward %.3f%s kl %.3f beta %.4f entropy %.2f clipfrac %.3f len %.1f (%.1fs)",
+                     record["update"], pcfg.num_updates, record["reward_mean"], rule, record["kl"], record["beta"],
                      record["entropy"], record["clipfrac"], record["response_length"], record["seconds"])
             if tracker is not None:
                 tracker.log({f"train/{k}": v for k, v in record.items() if k != "update"}, step=record["update"])

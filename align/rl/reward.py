@@ -4,7 +4,7 @@ load_reward() loads the rm adapter into the policy's PeftModel as a frozen adapt
 the score head beside it; both PPO and GRPO use it:
   - PPO: rollout_reward() scores token-level rollouts (align/rl/ppo.py's Rollout);
   - GRPO: CompletionReward is a TRL reward function scoring prompt + completion texts.
-rule_reward() is PPO's optional behaviour term beside it: a judge's verdict against each prompt's expected
+RuleReward is PPO's optional behaviour term beside it: a judge's verdict against each prompt's expected
 behaviour (rule-based rewards for safety, as in OpenAI's RBR and Llama 2's safety reward gating).
 
 The rm stage trains AutoModelForSequenceClassification(num_labels=1) + LoRA (task SEQ_CLS) with TRL's

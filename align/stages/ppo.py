@@ -48,20 +48,14 @@ def rule_reward(cfg, rows: list):
     reward with weight ppo.rule_weight, and logged as rule_mean even at weight 0."""
     if not cfg.ppo.rule_weight and not any(r.get("expected") for r in rows):
         return None
-    if cfg.ppo.rule_judge not in ("keyword", "classifier"):
-        raise AlignError(f"ppo.rule_judge must be keyword or classifier, got {cfg.ppo.rule_judge!r}")
-    behaviours = list(cfg.ppo.rule_behaviours)
-    if not behaviours or set(behaviours) - {"answer", "refuse"}:
-        raise AlignError(f"ppo.rule_behaviours must list answer and/or refuse, got {behaviours}")
-    return reward.RuleReward(judges.make_judge(cfg.ppo.rule_judge), rows, behaviours)
+    return reward.RuleReward(judges.make_judge(cfg.ppo.rule_judge), rows, list(cfg.ppo.rule_behaviours))
 
 
 def run(cfg) -> dict:
     from accelerate.utils import gather_object
 
     started = time.time()
-    if cfg.ppo.advantage_whitening not in ("token", "sequence"):  # before minutes of loading, not after
-        raise AlignError(f"ppo.advantage_whitening must be token or sequence, got {cfg.ppo.advantage_whitening!r}")
+    ppo.check_options(cfg.ppo)  # before minutes of loading, not after
     accelerator = accelerator_for(cfg)
     main = accelerator.is_main_process
     sft_dir = runs.adapter_of(same_base(cfg, runs.find_parent(cfg, ("sft",), cfg.stage.init_from, needed_by="ppo")))
