@@ -115,10 +115,15 @@ def _check_preference(row) -> None:
         raise ValueError("chosen and rejected are identical")
 
 
+def _check_expected(row) -> None:
+    if row["expected"] not in EXPECTED:
+        raise ValueError(f"expected must be one of {', '.join(EXPECTED)}, got {row['expected']!r}")
+
+
 def _check_prompt(row) -> None:
     _check_prompt_list(row["prompt"], "prompt")
-    if "expected" in row and row["expected"] not in EXPECTED:
-        raise ValueError(f"expected must be one of {', '.join(EXPECTED)}, got {row['expected']!r}")
+    if "expected" in row:
+        _check_expected(row)
 
 
 def _text(row, key: str) -> None:
@@ -142,8 +147,7 @@ def _check_safety(row) -> None:
 
 def _check_scope_eval(row) -> None:
     _text(row, "prompt")
-    if row["expected"] not in EXPECTED:
-        raise ValueError(f"expected must be one of {', '.join(EXPECTED)}, got {row['expected']!r}")
+    _check_expected(row)
     _text(row, "category")
     attack = row.get("attack")
     if attack is not None and not isinstance(attack, str):
