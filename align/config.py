@@ -187,6 +187,7 @@ class PpoConfig:
     rule_behaviours: list = field(default_factory=lambda: ["answer", "refuse"])
     shared_critic: bool = False
     advantage_whitening: str = "token"
+    samples_per_prompt: int = 1
 
 
 @dataclass

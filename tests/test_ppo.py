@@ -276,6 +276,32 @@ def test_rule_reward_adds_to_the_score_at_the_last_token(adapters_dir):
     assert torch.equal(ruled["rule"], signs) and not plain["rule"].any()
 
 
+def test_samples_per_prompt_are_scored_against_their_siblings(adapters_dir):
+    from accelerate import Accelerator
+
+    scores = torch.tensor([1.0, 3.0, 0.0, 0.0, 2.0, -2.0])
+    assert torch.equal(ppo.against_siblings(scores, 2), torch.tensor([-2.0, 2.0, 0.0, 0.0, 4.0, -4.0]))
+    assert torch.equal(ppo.against_siblings(torch.tensor([1.0, 2.0, 3.0]), 3), torch.tensor([-1.5, 0.0, 1.5]))
+
+    # in the loop: 2 prompts per rollout batch of 4, each sampled twice in a row; a reward that only depends
+    # on the prompt cancels, so the summed rewards are the KL penalty alone
+    model, _, tok = policy_with_reward(adapters_dir)
+    seen = []
+
+    def prompt_level(batch):
+        seen.append([ppo.last_user(p) for p in batch.prompts])
+        return torch.tensor([float(len(ppo.last_user(p))) for p in batch.prompts])
+
+    pcfg = PpoConfig(rollout_batch_size=4, mini_batch_size=2, num_updates=1, max_new_tokens=6, samples_per_prompt=2,
+                     reward_norm=False, missing_eos_penalty=None, sample_every=0, save_every=0)
+    prompts = [{"prompt": [{"role": "user", "content": "Q" + "?" * i}]} for i in range(4)]
+    state = ppo.train(ppo.PolicyValue(model, ppo.new_value_head(model)), tok, prompts, prompt_level, pcfg,
+                      Accelerator(cpu=True), seed=0)
+    (a, b, c, d), = seen
+    assert a == b and c == d and a != c
+    assert abs(state.history[0]["total_reward"] + state.history[0]["beta"] * state.history[0]["kl"]) < 1e-4
+
+
 # --- the stage -----------------------------------------------------------------------------------
 
 
@@ -333,7 +359,10 @@ def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir):
         run_stage(tmp_path, *PPO_FAST, "ppo.rule_weight=1.0")
     with pytest.raises(AlignError, match="ppo.advantage_whitening must be token or sequence, got 'both'"):
         run_stage(tmp_path, *PPO_FAST, "ppo.advantage_whitening=both")
-    m = run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_judge=keyword")
+    with pytest.raises(AlignError, match=r"ppo.samples_per_prompt \(3\) must be at least 1 and divide "
+                                         r"ppo.rollout_batch_size \(4\)"):
+        run_stage(tmp_path, *PPO_FAST, "ppo.samples_per_prompt=3")
+    m = run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_judge=keyword", "ppo.samples_per_prompt=2")
     history = json.loads((tmp_path / "t" / "ppo" / "metrics.json").read_text())["history"]
     # every scope prompt expects a behaviour, so each of the 4 rollouts scores +1 or -1 (never 0)
     assert all(h["rule_mean"] in (-1.0, -0.5, 0.0, 0.5, 1.0) for h in history)

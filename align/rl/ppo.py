@@ -3,7 +3,8 @@
     rollout  -> sample responses to a batch of prompts with the policy adapter (left-padded prompts)
     score    -> reward-model score of each response (adapter "reward" + its score head), old log-probs
                 and values (adapter "policy" + value head), reference log-probs (adapter "ref")
-    rewards  -> per token: -beta * KL(policy || ref), plus the (normalised) score at the last response token,
+    rewards  -> per token: -beta * KL(policy || ref), plus the (normalised) score at the last response token
+                (with ppo.samples_per_prompt > 1, relative to the mean score of the other samples of its prompt),
                 plus rule_weight * the rule reward there when one is given (align/rl/reward.py's RuleReward)
     GAE      -> advantages and returns over the response tokens, advantages whitened
     update   -> several epochs of shuffled minibatches: clipped policy surrogate + clipped value loss,
@@ -127,6 +128,15 @@ def shape_scores(scores: torch.Tensor, has_eos: torch.Tensor, moments: RunningMo
     if missing_eos_penalty is not None:
         out = out - missing_eos_penalty * (~has_eos).to(out.dtype)
     return out
+
+
+def against_siblings(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Each response's score minus the mean of the other k-1 responses to its prompt (RLOO's baseline), for
+    rollouts laid out as k consecutive samples per prompt. What a prompt earns whatever the response (an RM
+    that likes its topic, a rule every sample meets) cancels; what differs between responses stays."""
+    groups = scores.view(-1, k)
+    others = (groups.sum(-1, keepdim=True) - groups) / (k - 1)
+    return (groups - others).flatten()
 
 
 def per_token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
@@ -501,6 +511,8 @@ def score_rollout(policy_value: PolicyValue, batch: Rollout, reward_fn, state: L
     scores = shape_scores(raw, batch.has_eos, state.moments if pcfg.reward_norm else None, pcfg.missing_eos_penalty)
     rule = rule_fn(batch).float().to(ids.device) if rule_fn is not None else torch.zeros_like(raw)
     scores = scores + pcfg.rule_weight * rule
+    if pcfg.samples_per_prompt > 1:
+        scores = against_siblings(scores, pcfg.samples_per_prompt)
     rewards, kl = per_token_rewards(scores, old_logp, ref_logp, mask, state.beta, pcfg.kl_estimator)
     if pcfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
@@ -518,6 +530,9 @@ def score_rollout(policy_value: PolicyValue, batch: Rollout, reward_fn, state: L
 
 def check_options(pcfg) -> None:
     """The ppo.* choices, checked before anything is loaded."""
+    if pcfg.samples_per_prompt < 1 or pcfg.rollout_batch_size % pcfg.samples_per_prompt:
+        raise AlignError(f"ppo.samples_per_prompt ({pcfg.samples_per_prompt}) must be at least 1 and divide "
+                         f"ppo.rollout_batch_size ({pcfg.rollout_batch_size})")
     if pcfg.advantage_whitening not in ("token", "sequence"):
         raise AlignError(f"ppo.advantage_whitening must be token or sequence, got {pcfg.advantage_whitening!r}")
     if pcfg.rule_judge not in ("keyword", "classifier"):
@@ -567,7 +582,8 @@ def train(policy_value: PolicyValue, tokenizer, prompts: list, reward_fn: Callab
     while state.update < pcfg.num_updates:
         started = time.perf_counter()
         update = state.update
-        rows = prompt_batch(encoded, update, B, rank, world, seed)
+        k = pcfg.samples_per_prompt  # B // k prompts, each sampled k times in a row (against_siblings reads them so)
+        rows = [row for row in prompt_batch(encoded, update, B // k, rank, world, seed) for _ in range(k)]
         # train mode throughout (dropout is off, so it is deterministic): in eval mode bitsandbytes repacks 4-bit
         # weights for CPU inference, after which QLoRA gradients no longer flow through the base layers
         policy_value.train()
