@@ -3,9 +3,9 @@
     rollout  -> sample responses to a batch of prompts with the policy adapter (left-padded prompts)
     score    -> reward-model score of each response (adapter "reward" + its score head), old log-probs
                 and values (adapter "policy" + value head), reference log-probs (adapter "ref")
-    rewards  -> per token: -beta * KL(policy || ref), plus the (normalised) score at the last response token
-                (with ppo.samples_per_prompt > 1, relative to the mean score of the other samples of its prompt),
-                plus rule_weight * the rule reward there when one is given (align/rl/reward.py's RuleReward)
+    rewards  -> per token: -beta * KL(policy || ref), plus at the last response token the (normalised) score
+                and rule_weight * the rule reward when one is given (align/rl/reward.py's RuleReward); with
+                ppo.samples_per_prompt > 1, that sum minus its mean over the other samples of the same prompt
     GAE      -> advantages and returns over the response tokens, advantages whitened
     update   -> several epochs of shuffled minibatches: clipped policy surrogate + clipped value loss,
                 gradient accumulation over micro-batches, gradient clipping
