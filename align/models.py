@@ -191,8 +191,9 @@ def quantization_config(pcfg, dtype):
     )
 
 
-def load_model(cfg, head: str = "causal", tokenizer=None):
-    """Load the base model: head='causal' for generation, 'score' for a scalar reward head."""
+def load_model(cfg, head: str = "causal", tokenizer=None, path: str | Path | None = None):
+    """Load the base model (or `path`, a fully fine-tuned one): head='causal' for generation, 'score' for a
+    scalar reward head."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     dtype = pick_dtype(cfg.model.dtype)
@@ -208,7 +209,7 @@ def load_model(cfg, head: str = "causal", tokenizer=None):
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
         kwargs["device_map"] = _device_map()
-    path = resolve(cfg.model.name_or_path)
+    path = str(path) if path is not None else resolve(cfg.model.name_or_path)
     if head == "score":
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
     else:

@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+import torch
 from conftest import TINY, cli, run_stage
+
+from align import AlignError
 
 EVAL = ["stage=safety_eval", *TINY, "scope=tax_assistant", "data=tax_assistant", "eval.max_new_tokens=8"]
 
@@ -58,3 +62,28 @@ def test_bad_prompt_row_names_file_and_line(tmp_path):
     res = cli(*EVAL, f"eval.prompts=[{bad}]", f"run.output_dir={tmp_path}", "run.name=b")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "bad.jsonl:2" in res.stderr
+
+
+
+def test_full_fine_tune_is_evaluated_as_a_model_beside_the_base(tmp_path, monkeypatch):
+    # peft=full saves `sft/model`, not an adapter: the eval loads it whole, and the base on its own for "before"
+    from align import models
+
+    run_stage(tmp_path, "stage=sft", *TINY, "data=instructions", "scope=none", "peft=full", "run.name=f",
+              "trainer.max_steps=4", "trainer.learning_rate=2e-3")
+    loaded, load = [], models.load_model
+
+    def spy(cfg, head="causal", tokenizer=None, path=None):
+        model = load(cfg, head, tokenizer, path)
+        loaded.append((path, model.get_input_embeddings().weight.detach().clone()))
+        return model
+
+    monkeypatch.setattr(models, "load_model", spy)
+    m = run_stage(tmp_path, *EVAL, "run.name=f", "eval.max_prompts=4")
+    assert m["adapter"].endswith("sft/model") and "before/os" in m and "after/os" in m
+    assert [p for p, _ in loaded] == [tmp_path / "f" / "sft" / "model", None]  # the trained model, then the base
+    assert not torch.equal(loaded[0][1], loaded[1][1])  # two different sets of weights answered
+    rows = [json.loads(line) for line in (tmp_path / "f" / "safety_eval" / "responses.jsonl").read_text().splitlines()]
+    assert sorted(r["model"] for r in rows) == ["base"] * 4 + ["model"] * 4
+    with pytest.raises(AlignError, match="is neither a PEFT adapter folder"):
+        run_stage(tmp_path, *EVAL, "run.name=x", f"eval.adapter={tmp_path}")

@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from align import AlignError, models, runs, tracking
@@ -42,11 +43,17 @@ def prompt_rows(cfg) -> tuple[list[dict], list[str]]:
     return rows, names
 
 
+def is_adapter(path: Path) -> bool:
+    """An adapter folder, as opposed to a full model (peft=full's `model/`, or an export)."""
+    return (Path(path) / "adapter_config.json").exists()
+
+
 def find_adapter(cfg) -> Path | None:
     if cfg.eval.adapter:
         path = Path(cfg.eval.adapter)
-        if not (path / "adapter_config.json").exists():
-            raise AlignError(f"eval.adapter: {path} is not a PEFT adapter folder (adapter_config.json missing)")
+        if not (is_adapter(path) or (path / "config.json").exists()):
+            raise AlignError(f"eval.adapter: {path} is neither a PEFT adapter folder (adapter_config.json) nor a "
+                             "model folder (config.json)")
         return path
     if cfg.eval.adapter_stage == "base":
         return None
@@ -81,8 +88,9 @@ def run(cfg) -> dict:
     rows, prompt_sources = prompt_rows(cfg)
     adapter = find_adapter(cfg)
     tokenizer = models.load_tokenizer(cfg.model)
-    model = models.load_model(cfg, "causal", tokenizer)
-    if adapter is not None:
+    full = adapter is not None and not is_adapter(adapter)
+    model = models.load_model(cfg, "causal", tokenizer, path=adapter if full else None)
+    if adapter is not None and not full:
         model = PeftModel.from_pretrained(model, str(adapter))
     convs = scope_conversations(cfg.scope.system_prompt, [r["prompt"] for r in rows])
     judge = make_judge(cfg)
@@ -94,9 +102,12 @@ def run(cfg) -> dict:
     results, speed = {}, {}
     responses, speed["after"] = chat_generate(model, tokenizer, convs, desc="answering (after)", **gen)
     results["after"] = judged(rows, responses, judge.judge([r["prompt"] for r in rows], responses),
-                              judge.name, "adapter" if adapter else "base")
+                              judge.name, ("model" if full else "adapter") if adapter else "base")
     if adapter is not None and cfg.eval.compare_base:
-        with model.disable_adapter():
+        if full:  # a second model: the base, loaded once the fine-tuned one is gone
+            del model
+            model = models.load_model(cfg, "causal", tokenizer)
+        with nullcontext() if full else model.disable_adapter():
             responses, speed["before"] = chat_generate(model, tokenizer, convs, desc="answering (before)", **gen)
         results["before"] = judged(rows, responses, judge.judge([r["prompt"] for r in rows], responses),
                                    judge.name, "base")
