@@ -64,7 +64,6 @@ def test_bad_prompt_row_names_file_and_line(tmp_path):
     assert "bad.jsonl:2" in res.stderr
 
 
-
 def test_full_fine_tune_is_evaluated_as_a_model_beside_the_base(tmp_path, monkeypatch):
     # peft=full saves `sft/model`, not an adapter: the eval loads it whole, and the base on its own for "before"
     from align import models
@@ -87,3 +86,4 @@ def test_full_fine_tune_is_evaluated_as_a_model_beside_the_base(tmp_path, monkey
     assert sorted(r["model"] for r in rows) == ["base"] * 4 + ["model"] * 4
     with pytest.raises(AlignError, match="is neither a PEFT adapter folder"):
         run_stage(tmp_path, *EVAL, "run.name=x", f"eval.adapter={tmp_path}")
+    assert not (tmp_path / "x").exists()  # refused before a run folder was made

@@ -84,9 +84,9 @@ def run(cfg) -> dict:
     from peft import PeftModel
 
     started = time.time()
+    adapter = find_adapter(cfg)  # a wrong path fails before any folder is made or data built
     out = runs.prepare(cfg, "safety_eval")
     rows, prompt_sources = prompt_rows(cfg)
-    adapter = find_adapter(cfg)
     tokenizer = models.load_tokenizer(cfg.model)
     full = adapter is not None and not is_adapter(adapter)
     model = models.load_model(cfg, "causal", tokenizer, path=adapter if full else None)
