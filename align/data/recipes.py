@@ -424,7 +424,7 @@ def _scope_eval_row(item: Item) -> dict:
     if item.kind == "safety":
         cats = row["categories"] or ["general"]
         attack = next((c.split("/", 1)[1] for c in cats if c.startswith("attack/")), None)
-        return {"prompt": row["prompt"], "expected": "refuse" if row["label"] == "unsafe" else "answer",
+        return {"prompt": row["prompt"], "expected": "refuse" if scope_mod.is_refuse(row) else "answer",
                 "category": cats[0], "attack": attack, "source": row["source"]}
     out = {k: row.get(k) for k in ("prompt", "expected", "category", "attack", "source")}
     if row.get("system"):
