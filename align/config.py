@@ -184,7 +184,8 @@ class PpoConfig:
     save_every: int = 10
     rule_weight: float = 0.0
     rule_judge: str = "classifier"
-    rule_behaviours: list = field(default_factory=lambda: ["answer", "refuse"])
+    seed: Optional[int] = None
+    rule_scale: dict = field(default_factory=lambda: {"answer": 1.0, "refuse": 1.0})
     shared_critic: bool = False
     advantage_whitening: str = "token"
     samples_per_prompt: int = 1

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -235,8 +236,13 @@ def test_rule_reward_matches_verdicts_to_expected_behaviour():
     assert rule.scores(prompts, [answer, answer, answer]) == [1.0, -1.0, 0.0]
     assert rule.scores(prompts, [refusal, refusal, refusal]) == [-1.0, 1.0, 0.0]
     assert rule.scores([ask("Not in the rows.")], [answer]) == [0.0]
-    refuse_only = reward.RuleReward(make_judge("keyword"), rows, ["refuse"])  # answers left to the reward model
+    refuse_only = reward.RuleReward(make_judge("keyword"), rows, {"answer": 0, "refuse": 1})  # answers: the RM's
     assert refuse_only.scores(prompts, [answer, answer, answer]) == [0.0, -1.0, 0.0]
+    lighter = reward.RuleReward(make_judge("keyword"), rows, {"answer": 0.25, "refuse": 1})
+    assert lighter.scores(prompts, [refusal, answer, answer], scaled=True) == [-0.25, -1.0, 0.0]
+    assert lighter(SimpleNamespace(prompts=prompts, texts=[answer, refusal, refusal],
+                                   query_ids=torch.zeros(1))).tolist() == [0.25, 1.0, 0.0]
+    assert lighter.scores(prompts, [answer, refusal, refusal]) == [1.0, 1.0, 0.0]  # evals read plain signs
     with pytest.raises(AlignError, match="needs prompt rows expecting answer or refuse"):
         reward.RuleReward(make_judge("keyword"), rows[2:])
 
@@ -353,8 +359,11 @@ def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir):
     scoped = [*args, "data=tax_assistant", "scope=tax_assistant", "data.max_rows=12", "ppo.save_every=0"]
     with pytest.raises(AlignError, match="ppo.rule_judge must be keyword or classifier, got 'llm'"):
         run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_judge=llm")
-    with pytest.raises(AlignError, match=r"ppo.rule_behaviours must list answer and/or refuse, got \['comply'\]"):
-        run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_behaviours=[comply]")
+    with pytest.raises(AlignError, match=r"ppo.rule_scale must map answer and/or refuse to a weight >= 0, got "
+                                         r"\{'answer': 1.0, 'refuse': 1.0, 'comply': 1.0\}"):
+        run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "+ppo.rule_scale.comply=1.0")
+    with pytest.raises(AlignError, match=r"ppo.rule_scale must map answer and/or refuse to a weight >= 0"):
+        run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_scale.answer=-1")
     with pytest.raises(AlignError, match="needs prompt rows expecting answer or refuse"):
         run_stage(tmp_path, *PPO_FAST, "ppo.rule_weight=1.0")
     with pytest.raises(AlignError, match="ppo.advantage_whitening must be token or sequence, got 'both'"):
@@ -362,10 +371,11 @@ def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir):
     with pytest.raises(AlignError, match=r"ppo.samples_per_prompt \(3\) must be at least 1 and divide "
                                          r"ppo.rollout_batch_size \(4\)"):
         run_stage(tmp_path, *PPO_FAST, "ppo.samples_per_prompt=3")
-    m = run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_judge=keyword", "ppo.samples_per_prompt=2")
+    m = run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_judge=keyword", "ppo.samples_per_prompt=2",
+                  "ppo.rule_scale.answer=0.5")
     history = json.loads((tmp_path / "t" / "ppo" / "metrics.json").read_text())["history"]
-    # every scope prompt expects a behaviour, so each of the 4 rollouts scores +1 or -1 (never 0)
-    assert all(h["rule_mean"] in (-1.0, -0.5, 0.0, 0.5, 1.0) for h in history)
+    # every scope prompt expects a behaviour, so each of the 4 rollouts scores +-1 (refuse) or +-0.5 (answer)
+    assert all(h["rule_mean"] * 8 == round(h["rule_mean"] * 8) and abs(h["rule_mean"]) <= 1 for h in history)
     assert -1 <= m["eval/rule_sft"] <= 1 and -1 <= m["eval/rule_ppo"] <= 1
 
 
@@ -422,3 +432,13 @@ def test_grpo_stage_with_reward_model(tmp_path, adapters_dir):
     assert m["train/global_step"] == 2 and "train/first_reward" in m and "eval/reward_grpo" in m
     assert json.loads((out / "manifest.json").read_text())["parents"].keys() == {"sft", "rm"}
     assert sorted(p.name for p in (out / "adapter").iterdir() if p.is_dir()) == []  # no ref/ or reward/ subfolder
+
+
+def test_ppo_seed_varies_the_rollouts_of_one_data_build(tmp_path):
+    from align.stages.ppo import ppo_seed
+
+    cfg = compose(tmp_path, "stage=ppo", *STAGE)
+    assert ppo_seed(cfg) == cfg.seed  # null: the run's seed
+    assert ppo_seed(compose(tmp_path, "stage=ppo", *STAGE, "ppo.seed=3")) == 3
+    rows = list(range(40))
+    assert ppo.prompt_batch(rows, 0, 8, 0, 1, seed=cfg.seed) != ppo.prompt_batch(rows, 0, 8, 0, 1, seed=3)

@@ -4,7 +4,7 @@
     score    -> reward-model score of each response (adapter "reward" + its score head), old log-probs
                 and values (adapter "policy" + value head), reference log-probs (adapter "ref")
     rewards  -> per token: -beta * KL(policy || ref), plus at the last response token the (normalised) score
-                and rule_weight * the rule reward when one is given (align/rl/reward.py's RuleReward); with
+                and rule_weight * the rule reward (scaled per behaviour) when one is given (RuleReward); with
                 ppo.samples_per_prompt > 1, that sum minus its mean over the other samples of the same prompt
     GAE      -> advantages and returns over the response tokens, advantages whitened
     update   -> several epochs of shuffled minibatches: clipped policy surrogate + clipped value loss,
@@ -537,9 +537,9 @@ def check_options(pcfg) -> None:
         raise AlignError(f"ppo.advantage_whitening must be token or sequence, got {pcfg.advantage_whitening!r}")
     if pcfg.rule_judge not in ("keyword", "classifier"):
         raise AlignError(f"ppo.rule_judge must be keyword or classifier, got {pcfg.rule_judge!r}")
-    behaviours = list(pcfg.rule_behaviours)
-    if not behaviours or set(behaviours) - {"answer", "refuse"}:
-        raise AlignError(f"ppo.rule_behaviours must list answer and/or refuse, got {behaviours}")
+    scale = dict(pcfg.rule_scale)
+    if set(scale) - {"answer", "refuse"} or not all(isinstance(v, (int, float)) and v >= 0 for v in scale.values()):
+        raise AlignError(f"ppo.rule_scale must map answer and/or refuse to a weight >= 0, got {scale}")
 
 
 def train(policy_value: PolicyValue, tokenizer, prompts: list, reward_fn: Callable[[Rollout], torch.Tensor],
@@ -642,7 +642,7 @@ def train(policy_value: PolicyValue, tokenizer, prompts: list, reward_fn: Callab
             "beta": controller.value,
             "response_length": lengths.float().mean().item(),
             "eos_rate": eos_rate,
-            # mean rule reward: 1 when every rollout behaved as its prompt expects, -1 when none did
+            # mean rule reward (times ppo.rule_scale): 1 when every rollout behaved as expected, -1 when none did
             **({"rule_mean": accelerator.gather(data["rule"]).mean().item()} if rule_fn is not None else {}),
             **{k: float(v) for k, v in zip(keys, averaged.tolist())},
         }

@@ -43,12 +43,17 @@ def same_base(cfg, stage_dir):
     return stage_dir
 
 
+def ppo_seed(cfg) -> int:
+    """ppo.seed varies the rollouts (prompt order, sampling) of one data build; the top-level seed would rebuild it."""
+    return cfg.seed if cfg.ppo.seed is None else int(cfg.ppo.seed)
+
+
 def rule_reward(cfg, rows: list):
     """The behaviour term (align/rl/reward.py's RuleReward) when prompts carry an expected behaviour: in the
     reward with weight ppo.rule_weight, and logged as rule_mean even at weight 0."""
     if not cfg.ppo.rule_weight and not any(r.get("expected") for r in rows):
         return None
-    return reward.RuleReward(judges.make_judge(cfg.ppo.rule_judge), rows, list(cfg.ppo.rule_behaviours))
+    return reward.RuleReward(judges.make_judge(cfg.ppo.rule_judge), rows, dict(cfg.ppo.rule_scale))
 
 
 def run(cfg) -> dict:
@@ -88,7 +93,7 @@ def run(cfg) -> dict:
     state = ppo.train(
         policy_value, tokenizer, train_rows, reward_fn, cfg.ppo, accelerator,
         optimizer=ppo.make_optimizer(policy_value, cfg.ppo, cfg.trainer.weight_decay),
-        tracker=tracker, out=out, seed=cfg.seed, max_grad_norm=cfg.trainer.max_grad_norm,
+        tracker=tracker, out=out, seed=ppo_seed(cfg), max_grad_norm=cfg.trainer.max_grad_norm,
         max_prompt_length=cfg.trainer.max_length - cfg.ppo.max_new_tokens, resume=cfg.run.resume,
         save_total_limit=cfg.trainer.save_total_limit,
         on_update=progress, rule_fn=rule_fn,
