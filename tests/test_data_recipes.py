@@ -314,6 +314,9 @@ def test_over_refusal_can_name_an_off_scope_topic_so_the_topic_alone_cannot_tell
     cfg = OmegaConf.create({**SCOPE, "topic_names": names})
     seen = {scope.unnecessary_refusal(row, cfg, random.Random(s), "off_scope") for s in range(40)}
     assert {t for t in names.values() if any(t in s for s in seen)} == {"cooking advice", "travel planning"}
+    # mixed names the row's own topic in some pairs and an off-scope one in others
+    mixed = {scope.unnecessary_refusal(row, cfg, random.Random(s), "mixed") for s in range(40)}
+    assert {t for t in names.values() if any(t in s for s in mixed)} == set(names.values())
     # the default, and off_scope without off-scope topics to name: the row's own topic fills the template
     assert "business expenses" in scope.unnecessary_refusal(row, cfg, random.Random(0))
     own = scope.unnecessary_refusal(row, OmegaConf.create({**SCOPE, "topic_names": {}}), random.Random(0), "off_scope")
@@ -325,7 +328,7 @@ def test_over_refusal_topic_reaches_the_pairs_and_a_bad_value_is_one_clear_error
     built = recipes.build(make_cfg(data={**guard_data(tmp_path), "over_refusal_topic": "off_scope"}, scope_cfg=SCOPE))
     amend = next(p for p in built.pref_train if p["prompt"][1]["content"] == "How do I amend a return?")
     assert "cooking advice" in amend["rejected"][0]["content"]  # SCOPE's one off-scope topic name
-    with pytest.raises(AlignError, match="data.over_refusal_topic must be own or off_scope, got 'theirs'"):
+    with pytest.raises(AlignError, match="data.over_refusal_topic must be own, off_scope or mixed, got 'theirs'"):
         recipes.build(make_cfg(data={**guard_data(tmp_path), "over_refusal_topic": "theirs"}, scope_cfg=SCOPE))
 
 
