@@ -332,6 +332,34 @@ def test_over_refusal_topic_reaches_the_pairs_and_a_bad_value_is_one_clear_error
         recipes.build(make_cfg(data={**guard_data(tmp_path), "over_refusal_topic": "theirs"}, scope_cfg=SCOPE))
 
 
+def test_rl_split_sources_are_the_only_rollout_prompts_and_train_nothing_else(tmp_path):
+    data = guard_data(tmp_path)
+    plain = recipes.build(make_cfg(data=data, scope_cfg=SCOPE))
+    rl_rows = [{"prompt": "Is my Etsy knitting income taxable?", "expected": "answer", "category": "tax/filing",
+                "attack": None},
+               refuse("Which hiking boots should I buy?", "off_scope/shopping"),
+               refuse("How do I bake a cake??", "off_scope/cooking"),  # a training prompt again: dropped
+               refuse("What is the capital of Peru?", "off_scope/trivia")]  # an eval prompt: dropped
+    evals = write_jsonl(tmp_path / "ev.jsonl", [refuse("What is the capital of Peru?", "off_scope/trivia")])
+    data["sources"] += [{"name": "ev", "path": evals, "kind": "scope_eval", "split": "eval"},
+                        {"name": "roll", "path": write_jsonl(tmp_path / "rl.jsonl", rl_rows), "kind": "scope_eval",
+                         "split": "rl"}]
+    data["filters"] = [{"name": "dedup", "threshold": 0.6, "ngram": 2}]
+    built = recipes.build(make_cfg(data=data, scope_cfg=SCOPE))
+    assert sorted((r["prompt"][-1]["content"], r["expected"]) for r in built.prompts_train) == [
+        ("Is my Etsy knitting income taxable?", "answer"), ("Which hiking boots should I buy?", "refuse")]
+    assert all(r["prompt"][0]["role"] == "system" for r in built.prompts_train)
+    # the rollout prompts train nothing, are evaluated nowhere, and leave the other outputs as they were
+    assert built.sft_train == plain.sft_train and built.pref_train == plain.pref_train
+    assert [r["prompt"] for r in built.scope_eval] == ["What is the capital of Peru?"]
+    roll = next(s for s in built.stats if s["source"] == "roll")
+    assert roll["split"] == "rl" and roll["dropped"]["dedup"] == 2 and roll["kept"] == 2
+    balanced(built.stats)
+    data["sources"][-1]["split"] = "rollout"
+    with pytest.raises(AlignError, match="data source 'roll': split must be train, eval or rl, got 'rollout'"):
+        recipes.build(make_cfg(data=data, scope_cfg=SCOPE))
+
+
 def test_policy_answers_replace_templates_only_where_the_policy_complies(tmp_path):
     built = recipes.build(make_cfg(data=guard_data(tmp_path), scope_cfg=SCOPE))
     pairs = built.pref_train

@@ -455,40 +455,45 @@ def build(cfg, tokenizer=None) -> Built:
     for src in srcs:
         sources.check_source(_loader_view(src))
     seed = int(cfg.seed)
-    stats, train, evals = {}, [], []
+    stats, parts = {}, {"train": [], "eval": [], "rl": []}
     for src in srcs:
         loaded = sources.load_source(_loader_view(src), cfg.data.on_bad_rows)
         stats[src.name] = _new_stats(src, loaded)
-        items = [Item(row, src.kind, src.name, src.split) for row in loaded.rows]
-        (train if src.split == "train" else evals).extend(items)
+        parts[src.split] += [Item(row, src.kind, src.name, src.split) for row in loaded.rows]
+    train, evals, rl = parts["train"], parts["eval"], parts["rl"]
 
     ctx = Ctx(seed, tokenizer, cfg.data.target_size, cfg.data.balance_cap)
     for label, name, params in specs:
-        before = Counter(it.source for it in train + evals)
+        before = Counter(it.source for it in train + evals + rl)
         train, evals = FILTERS[name][0](train, evals, params, ctx)
-        _track(stats, label, before, Counter(it.source for it in train + evals))
+        if rl:  # rollout prompts go through the same filters, after (and so never near) eval and training prompts
+            rl, _ = FILTERS[name][0](rl, evals + train, params, ctx)
+        _track(stats, label, before, Counter(it.source for it in train + evals + rl))
 
     by_source = defaultdict(list)
-    for it in train + evals:
+    for it in train + evals + rl:
         by_source[it.source].append(it)
-    train, evals = [], []
+    parts = {"train": [], "eval": [], "rl": []}
     for src in srcs:
         mixed = _mix(by_source[src.name], src, seed)
         stats[src.name]["resampled"] = len(mixed) - len(by_source[src.name])
-        (train if src.split == "train" else evals).extend(mixed)
+        parts[src.split] += mixed
+    train, evals, rl = parts["train"], parts["eval"], parts["rl"]
 
     held = []
     if cfg.data.eval_fraction > 0 and not any(it.kind != "scope_eval" for it in evals):
         train, held = _hold_out(train, cfg.data.eval_fraction, seed)
         for name, n in Counter(it.source for it in held).items():
             stats[name]["held_out"] = n
-    for name, n in Counter(it.source for it in train + evals).items():
+    for name, n in Counter(it.source for it in train + evals + rl).items():
         stats[name]["kept"] = n
 
     to_sft = {s.name: bool(s.options.get("to_sft", True)) for s in srcs}
     eval_items = [it for it in evals if it.kind != "scope_eval"] + held
     sft_tr, pref_tr, prm_tr = _convert(train, cfg, to_sft, random.Random(f"{seed}:train"))
     sft_ev, pref_ev, prm_ev = _convert(eval_items, cfg, to_sft, random.Random(f"{seed}:eval"))
+    if rl:  # rollouts on prompts the SFT policy never trained on, as InstructGPT kept its PPO prompts apart
+        prm_tr = _convert(rl, cfg, to_sft, random.Random(f"{seed}:rl"))[2]
     system = cfg.scope.system_prompt
     shuffle = random.Random(f"{seed}:shuffle")
     built = Built(

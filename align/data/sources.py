@@ -377,8 +377,8 @@ def check_source(src) -> None:
     name = src.name
     if src.kind not in formats.KINDS:
         raise AlignError(f"data source '{name}': kind must be one of {', '.join(formats.KINDS)}, got {src.kind!r}")
-    if src.split not in ("train", "eval"):
-        raise AlignError(f"data source '{name}': split must be train or eval, got {src.split!r}")
+    if src.split not in ("train", "eval", "rl"):
+        raise AlignError(f"data source '{name}': split must be train, eval or rl, got {src.split!r}")
     if src.count is not None and src.weight is not None:
         raise AlignError(f"data source '{name}': give count or weight, not both")
     valid = LOADER_OPTIONS
