@@ -355,6 +355,11 @@ def test_rl_split_sources_are_the_only_rollout_prompts_and_train_nothing_else(tm
     roll = next(s for s in built.stats if s["source"] == "roll")
     assert roll["split"] == "rl" and roll["dropped"]["dedup"] == 2 and roll["kept"] == 2
     balanced(built.stats)
+    # the data.rl_files shortcut: the same rows, no source entry
+    short = {**data, "sources": data["sources"][:-1], "rl_files": [data["sources"][-1]["path"]]}
+    rows = recipes.build(make_cfg(data=short, scope_cfg=SCOPE)).prompts_train
+    assert [r.pop("source") for r in rows] == ["rl_files[0]"] * 2
+    assert rows == [{k: v for k, v in r.items() if k != "source"} for r in built.prompts_train]
     data["sources"][-1]["split"] = "rollout"
     with pytest.raises(AlignError, match="data source 'roll': split must be train, eval or rl, got 'rollout'"):
         recipes.build(make_cfg(data=data, scope_cfg=SCOPE))

@@ -66,7 +66,7 @@ def _plain(node):
 
 
 def source_configs(cfg) -> list:
-    """data.sources plus the data.train_files/eval_files shortcut (SFT rows, no recipe)."""
+    """data.sources plus the data.train_files/eval_files (SFT rows) and rl_files (scope-eval rows) shortcuts."""
     out = []
     for raw in _plain(cfg.data.sources) or []:
         src = SourceConfig(**raw)
@@ -75,6 +75,8 @@ def source_configs(cfg) -> list:
     for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
         for i, path in enumerate(files or []):
             out.append(SourceConfig(name=f"{split}_files[{i}]", path=str(path), kind="sft", split=split))
+    for i, path in enumerate(cfg.data.rl_files or []):
+        out.append(SourceConfig(name=f"rl_files[{i}]", path=str(path), kind="scope_eval", split="rl"))
     names = [s.name for s in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
