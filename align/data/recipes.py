@@ -449,7 +449,8 @@ def build(cfg, tokenizer=None) -> Built:
     if cfg.data.chosen_source not in ("reference", "policy"):
         raise AlignError(f"data.chosen_source must be reference or policy, got {cfg.data.chosen_source!r}")
     if cfg.data.over_refusal_topic not in ("own", "off_scope", "mixed"):
-        raise AlignError(f"data.over_refusal_topic must be own, off_scope or mixed, got {cfg.data.over_refusal_topic!r}")
+        raise AlignError(f"data.over_refusal_topic must be own, off_scope or mixed, "
+                         f"got {cfg.data.over_refusal_topic!r}")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise AlignError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
     srcs = source_configs(cfg)

@@ -119,9 +119,9 @@ def unnecessary_refusal(row: dict, scope, rng: random.Random, topic: str = "own"
     "general"). topic="off_scope" names a random off-scope topic, as a model trained on the refusal templates
     over-refuses ("..., not travel planning" to a question about an amended return): with the row's own topic the
     named topic alone tells the pairs apart, a reward model learns to score refusals by it, and PPO refused every
-    tax question with an off-scope topic (docs/benchmarks.md, round 6). With off_scope alone, PPO found refusals
-    naming tax topics instead (round 10); topic="mixed" names either, at even odds, so the topic carries no label.
-    Without off_scope/* topic names, "own"."""
+    tax question with an off-scope topic (docs/benchmarks.md, round 6). topic="mixed" names either, at even odds
+    (for the PPO chain's reward model it did no better than off_scope, round 10). Without off_scope/* topic
+    names, "own"."""
     names = dict(_get(scope, "topic_names", {}) or {})
     off_scope = sorted(v for k, v in names.items() if k.startswith("off_scope/"))
     cat = categories(row)[0]
