@@ -10,13 +10,13 @@ opener then reward answering everywhere, since the final score reaches the first
     python scripts/check_critic.py run.name=<run> [answer="In the US,"] [refusal="Sorry, I can"]
 """
 
-import json
 import sys
 
 import torch
 
 from align import AlignError, models, runs
 from align.config import compose
+from align.data import recipes
 from align.rl import ppo
 
 
@@ -26,9 +26,8 @@ def main(argv: list[str]) -> None:
     cfg = compose("stage=ppo", "tracking=none", *[a for a in argv if not a.startswith(("answer=", "refusal="))])
     run_ppo = runs.find_parent(cfg, ("ppo",), None, needed_by="check_critic")
     sft = runs.adapter_of(runs.find_parent(cfg, ("sft",), None, needed_by="check_critic"))
-    rows = [json.loads(line) for line in open(runs.find_parent(cfg, ("data",), None, needed_by="check_critic")
-                                                / "prompts_eval.jsonl")]
     tok = models.load_tokenizer(cfg.model)
+    _, rows = recipes.load(cfg, "prompt", tok)  # the run's data folder when it matches the config, else rebuilt
     model = ppo.load_policy(cfg, tok, sft)
     ppo.load_adapter_weights(model, ppo.POLICY, run_ppo / "adapter")
     head = ppo.new_value_head(model)
@@ -55,8 +54,12 @@ def main(argv: list[str]) -> None:
             print(f"{expected:<8}  {len(v):>7}  {t[0]:>9.3f}  {t[1]:>22.3f}  {t[2]:>23.3f}")
 
 
-if __name__ == "__main__":
+def cli(argv: list[str]) -> None:
     try:
-        main(sys.argv[1:])
+        main(argv)
     except AlignError as err:  # a missing run or stage: one line, not a traceback
         sys.exit(f"check_critic: {err}")
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

@@ -15,6 +15,7 @@ import torch
 from conftest import ROOT, TINY, compose, run_stage
 
 from align import models, runs
+from align.data import recipes
 from align.config import PpoConfig
 from align.rl import ppo, reward
 
@@ -377,6 +378,28 @@ def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir):
     # every scope prompt expects a behaviour, so each of the 4 rollouts scores +-1 (refuse) or +-0.5 (answer)
     assert all(h["rule_mean"] * 8 == round(h["rule_mean"] * 8) and abs(h["rule_mean"]) <= 1 for h in history)
     assert -1 <= m["eval/rule_sft"] <= 1 and -1 <= m["eval/rule_ppo"] <= 1
+
+
+def test_check_critic_reads_a_finished_run(tmp_path, adapters_dir, capsys):
+    """scripts/check_critic.py on a finished scoped PPO run: one line per expected behaviour, a value per opener."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import check_critic
+
+    finished_parents(tmp_path, adapters_dir)
+    args = [a for a in PPO_FAST if not a.startswith(("data=", "scope=", "ppo.save_every", "ppo.num_updates"))]
+    scoped = [*args, "data=tax_assistant", "scope=tax_assistant", "data.max_rows=12", "ppo.save_every=0",
+              "ppo.num_updates=1"]
+    with pytest.raises(SystemExit, match="check_critic: .*ppo"):  # no ppo run yet: one line, not a traceback
+        check_critic.cli([f"run.output_dir={tmp_path}", *scoped[1:]])
+    run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_judge=keyword")
+    _, rows = recipes.load(compose(tmp_path, *scoped), "prompt")
+    check_critic.main([f"run.output_dir={tmp_path}", *scoped[1:]])
+    lines = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:]}
+    for expected in ("answer", "refuse"):
+        n, v_prompt, v_answer, v_refusal = lines[expected]
+        assert int(n) == sum(r["expected"] == expected for r in rows)
+        assert all(torch.isfinite(torch.tensor(float(v))) for v in (v_prompt, v_answer, v_refusal))
+        assert v_answer != v_refusal  # each opener is read after the prompt, not the prompt alone
 
 
 def test_stage_refuses_parents_of_another_base(tmp_path, adapters_dir):
