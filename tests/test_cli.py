@@ -25,6 +25,14 @@ def test_unknown_key_and_wrong_type_are_one_line():
     assert res.returncode == 2 and "lora" in res.stderr and "qlora" in res.stderr
 
 
+def test_bad_data_source_is_one_line_and_leaves_no_stage_folder(tmp_path):
+    res = cli("stage=data", *TINY, f"run.output_dir={tmp_path}", "run.name=x",
+              "data.rl_files=[nope.jsonl]")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "data source 'rl_files[0]': file 'nope.jsonl' not found" in res.stderr
+    assert not (tmp_path / "x" / "data").exists()
+
+
 def test_full_error_env_shows_traceback():
     res = cli("stage=nonexistent", env={"HYDRA_FULL_ERROR": "1"})
     assert res.returncode != 0 and "Traceback" in res.stderr

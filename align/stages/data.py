@@ -18,8 +18,13 @@ log = logging.getLogger(__name__)
 def run(cfg) -> dict:
     started = time.time()
     out = runs.prepare(cfg, "data")
-    tokenizer = models.load_tokenizer(cfg.model) if recipes.needs_tokenizer(cfg) else None
-    built = recipes.build(cfg, tokenizer)
+    try:
+        tokenizer = models.load_tokenizer(cfg.model) if recipes.needs_tokenizer(cfg) else None
+        built = recipes.build(cfg, tokenizer)
+    except BaseException:
+        if not any(out.iterdir()):  # a bad source leaves no empty stage folder behind
+            out.rmdir()
+        raise
     table = recipes.print_table(built.stats)
     print(table)
     recipes.write(built, out)
