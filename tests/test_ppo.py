@@ -22,6 +22,9 @@ from align.rl import ppo, reward
 STAGE = [*TINY, "run.name=t", "data=instructions", "scope=none"]
 PPO_FAST = ["stage=ppo", *STAGE, "ppo.num_updates=4", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=2",
             "ppo.max_new_tokens=8", "ppo.save_every=2", "eval.batch_size=4"]
+# the same on tax_assistant prompts, which carry the behaviour each expects
+SCOPED = [*(a for a in PPO_FAST if not a.startswith(("data=", "scope=", "ppo.save_every"))), "data=tax_assistant",
+          "scope=tax_assistant", "data.max_rows=12", "ppo.save_every=0"]
 
 
 def _randomize_lora(model, std=0.05):
@@ -356,8 +359,7 @@ def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir):
     from align import AlignError
 
     finished_parents(tmp_path, adapters_dir)
-    args = [a for a in PPO_FAST if not a.startswith(("data=", "scope=", "ppo.save_every"))]
-    scoped = [*args, "data=tax_assistant", "scope=tax_assistant", "data.max_rows=12", "ppo.save_every=0"]
+    scoped = SCOPED
     with pytest.raises(AlignError, match="ppo.rule_judge must be keyword or classifier, got 'llm'"):
         run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_judge=llm")
     with pytest.raises(AlignError, match=r"ppo.rule_scale must map answer and/or refuse to a weight >= 0, got "
@@ -386,9 +388,7 @@ def test_check_critic_reads_a_finished_run(tmp_path, adapters_dir, capsys):
     import check_critic
 
     finished_parents(tmp_path, adapters_dir)
-    args = [a for a in PPO_FAST if not a.startswith(("data=", "scope=", "ppo.save_every", "ppo.num_updates"))]
-    scoped = [*args, "data=tax_assistant", "scope=tax_assistant", "data.max_rows=12", "ppo.save_every=0",
-              "ppo.num_updates=1"]
+    scoped = [*(a for a in SCOPED if not a.startswith("ppo.num_updates")), "ppo.num_updates=1"]
     with pytest.raises(SystemExit, match="check_critic: .*ppo"):  # no ppo run yet: one line, not a traceback
         check_critic.cli([f"run.output_dir={tmp_path}", *scoped[1:]])
     run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_judge=keyword")
