@@ -359,14 +359,13 @@ def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir):
     from align import AlignError
 
     finished_parents(tmp_path, adapters_dir)
-    scoped = SCOPED
     with pytest.raises(AlignError, match="ppo.rule_judge must be keyword or classifier, got 'llm'"):
-        run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_judge=llm")
+        run_stage(tmp_path, *SCOPED, "ppo.rule_weight=1.0", "ppo.rule_judge=llm")
     with pytest.raises(AlignError, match=r"ppo.rule_scale must map answer and/or refuse to a weight >= 0, got "
                                          r"\{'answer': 1.0, 'refuse': 1.0, 'comply': 1.0\}"):
-        run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "+ppo.rule_scale.comply=1.0")
+        run_stage(tmp_path, *SCOPED, "ppo.rule_weight=1.0", "+ppo.rule_scale.comply=1.0")
     with pytest.raises(AlignError, match=r"ppo.rule_scale must map answer and/or refuse to a weight >= 0"):
-        run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_scale.answer=-1")
+        run_stage(tmp_path, *SCOPED, "ppo.rule_weight=1.0", "ppo.rule_scale.answer=-1")
     with pytest.raises(AlignError, match="needs prompt rows expecting answer or refuse"):
         run_stage(tmp_path, *PPO_FAST, "ppo.rule_weight=1.0")
     with pytest.raises(AlignError, match="ppo.advantage_whitening must be token or sequence, got 'both'"):
@@ -374,7 +373,7 @@ def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir):
     with pytest.raises(AlignError, match=r"ppo.samples_per_prompt \(3\) must be at least 1 and divide "
                                          r"ppo.rollout_batch_size \(4\)"):
         run_stage(tmp_path, *PPO_FAST, "ppo.samples_per_prompt=3")
-    m = run_stage(tmp_path, *scoped, "ppo.rule_weight=1.0", "ppo.rule_judge=keyword", "ppo.samples_per_prompt=2",
+    m = run_stage(tmp_path, *SCOPED, "ppo.rule_weight=1.0", "ppo.rule_judge=keyword", "ppo.samples_per_prompt=2",
                   "ppo.rule_scale.answer=0.5")
     history = json.loads((tmp_path / "t" / "ppo" / "metrics.json").read_text())["history"]
     # every scope prompt expects a behaviour, so each of the 4 rollouts scores +-1 (refuse) or +-0.5 (answer)
@@ -382,9 +381,9 @@ def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir):
     assert -1 <= m["eval/rule_sft"] <= 1 and -1 <= m["eval/rule_ppo"] <= 1
 
 
-def test_check_critic_reads_a_finished_run(tmp_path, adapters_dir, capsys):
+def test_check_critic_reads_a_finished_run(tmp_path, adapters_dir, capsys, monkeypatch):
     """scripts/check_critic.py on a finished scoped PPO run: one line per expected behaviour, a value per opener."""
-    sys.path.insert(0, str(ROOT / "scripts"))
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     import check_critic
 
     finished_parents(tmp_path, adapters_dir)
