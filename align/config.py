@@ -190,6 +190,8 @@ class PpoConfig:
     shared_critic: bool = False
     advantage_whitening: str = "token"
     samples_per_prompt: int = 1
+    select_prompts: List[str] = field(default_factory=list)
+    select_metric: str = "os"
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from align import AlignError
+from align.config import SourceConfig
 from align.data import formats
 
 log = logging.getLogger(__name__)
@@ -447,3 +448,15 @@ def load_source(src, on_bad_rows: str = "error") -> Loaded:
     if out.unmapped:
         log.info("data source '%s': %d row(s) the '%s' adapter does not map", src.name, out.unmapped, src.adapter)
     return out
+
+
+def load_scope_files(paths, on_bad_rows: str = "error", what: str = "eval.prompts") -> list[dict]:
+    """Scope-eval JSONL files (prompt, expected, category, attack) named by a config list such as eval.prompts."""
+    rows = []
+    for path in paths:
+        loaded = load_source(SourceConfig(name=Path(path).stem, path=path, kind="scope_eval", split="eval"),
+                             on_bad_rows)
+        if loaded.bad:
+            log.warning("%s: skipped %d bad rows in %s", what, loaded.bad, path)
+        rows += loaded.rows
+    return rows

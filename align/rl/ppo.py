@@ -528,6 +528,15 @@ def score_rollout(policy_value: PolicyValue, batch: Rollout, reward_fn, state: L
     }
 
 
+SELECT_METRICS = ("os", "accuracy", "ar_in", "rr_out", "rr_unsafe", "rr_adv")
+
+
+def best_update(history: list, metric: str) -> int | None:
+    """The update with the highest select/<metric> (the earliest on a tie); None when no update was scored."""
+    scored = [(r[f"select/{metric}"], -r["update"]) for r in history if r.get(f"select/{metric}") is not None]
+    return -max(scored)[1] if scored else None
+
+
 def check_options(pcfg) -> None:
     """The ppo.* choices, checked before anything is loaded."""
     if pcfg.samples_per_prompt < 1 or pcfg.rollout_batch_size % pcfg.samples_per_prompt:
@@ -537,6 +546,10 @@ def check_options(pcfg) -> None:
         raise AlignError(f"ppo.advantage_whitening must be token or sequence, got {pcfg.advantage_whitening!r}")
     if pcfg.rule_judge not in ("keyword", "classifier"):
         raise AlignError(f"ppo.rule_judge must be keyword or classifier, got {pcfg.rule_judge!r}")
+    if pcfg.select_prompts and not pcfg.save_every:
+        raise AlignError("ppo.select_prompts picks among checkpoints: set ppo.save_every > 0")
+    if pcfg.select_metric not in SELECT_METRICS:
+        raise AlignError(f"ppo.select_metric must be one of {', '.join(SELECT_METRICS)}, got {pcfg.select_metric!r}")
     scale = dict(pcfg.rule_scale)
     if set(scale) - {"answer", "refuse"} or not all(isinstance(v, (int, float)) and v >= 0 for v in scale.values()):
         raise AlignError(f"ppo.rule_scale must map answer and/or refuse to a weight >= 0, got {scale}")
@@ -668,7 +681,8 @@ def train(policy_value: PolicyValue, tokenizer, prompts: list, reward_fn: Callab
             save_checkpoint(Path(out) / "checkpoints" / f"checkpoint-{state.update}", policy_value, optimizer,
                             state, accelerator)
             if main and save_total_limit:
-                prune_checkpoints(Path(out) / "checkpoints", save_total_limit)
+                prune_checkpoints(Path(out) / "checkpoints", save_total_limit,
+                                  keep_update=best_update(state.history, pcfg.select_metric))
 
     check_in_sync(policy_value, accelerator)
     return state
@@ -790,8 +804,9 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def prune_checkpoints(folder: Path, keep: int) -> None:
+def prune_checkpoints(folder: Path, keep: int, keep_update: int | None = None) -> None:
+    """Keep the last `keep` checkpoints, and checkpoint-<keep_update> (the best so far when ppo.select_prompts)."""
     found = sorted((p for p in Path(folder).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                    key=lambda p: int(p.name.split("-")[-1]))
-    for old in found[:-keep]:
+    for old in [p for p in found[:-keep] if p.name != f"checkpoint-{keep_update}"]:
         shutil.rmtree(old, ignore_errors=True)

@@ -2,7 +2,8 @@
 adapter as reward model (align/rl/ppo.py holds the algorithm).
 
 Recipe: resolve sft + rm -> prompts -> base + adapters "policy", "ref", "reward" + value head
--> the rule reward's judge, when prompts carry their expected behaviour (ppo.rule_weight) -> PPO
+-> the rule reward's judge, when prompts carry their expected behaviour (ppo.rule_weight) -> PPO, scoring each
+checkpoint on the dev prompts (ppo.select_prompts) -> the best checkpoint, or the last update
 -> held-out reward of the SFT policy vs the PPO policy -> save adapter + value head -> manifest.
 """
 
@@ -13,8 +14,9 @@ import time
 import torch
 
 from align import AlignError, adapters, models, runs, tracking
-from align.data import recipes
-from align.evaluation import judges
+from align.data import recipes, sources
+from align.evaluation import judges, metrics as scope_metrics
+from align.generation import scope_conversations
 from align.rl import ppo, reward
 
 log = logging.getLogger(__name__)
@@ -56,11 +58,34 @@ def rule_reward(cfg, rows: list):
     return reward.RuleReward(judges.make_judge(cfg.ppo.rule_judge), rows, dict(cfg.ppo.rule_scale))
 
 
+def score_policy(cfg, model, tokenizer, rows: list, judge, accelerator) -> dict:
+    """Greedy answers of the policy adapter to scope-eval rows, judged: the scope rates (align/evaluation/metrics.py)
+    on every process. Why: PPO's refusal rate swings by 15-30 points between checkpoints 10 updates apart, so the
+    last update is a draw (docs/benchmarks.md, round 12)."""
+    from accelerate.utils import gather_object
+
+    convs = scope_conversations(cfg.scope.system_prompt, [r["prompt"] for r in rows])
+    encoded = ppo.encode_prompts(tokenizer, [{"prompt": c} for c in convs], max_prompt_length=10**9)
+    mine = list(range(accelerator.process_index, len(encoded), accelerator.num_processes))
+    with accelerator.autocast():
+        answers = ppo.evaluate(model, tokenizer, [encoded[i] for i in mine], lambda b: torch.zeros(len(b.texts)),
+                               ppo.POLICY, cfg.eval.max_new_tokens, cfg.eval.batch_size)["samples"]
+    texts = dict(gather_object([(i, a[1]) for i, a in zip(mine, answers)]))
+    responses = [texts[i] for i in range(len(rows))]
+    verdicts = judge.judge([r["prompt"] for r in rows], responses)
+    return scope_metrics.compute_metrics([{**r, "verdict": v} for r, v in zip(rows, verdicts)])
+
+
 def run(cfg) -> dict:
     from accelerate.utils import gather_object
 
     started = time.time()
     ppo.check_options(cfg.ppo)  # before minutes of loading, not after
+    select_rows = sources.load_scope_files(cfg.ppo.select_prompts, cfg.data.on_bad_rows, "ppo.select_prompts")
+    if select_rows and scope_metrics.compute_metrics([{**r, "verdict": "answered"} for r in select_rows]
+                                                     )[cfg.ppo.select_metric] is None:
+        raise AlignError(f"ppo.select_prompts: no rows to measure ppo.select_metric={cfg.ppo.select_metric} "
+                         "(os needs in-scope and off_scope/ prompts)")
     accelerator = accelerator_for(cfg)
     main = accelerator.is_main_process
     sft_dir = runs.adapter_of(same_base(cfg, runs.find_parent(cfg, ("sft",), cfg.stage.init_from, needed_by="ppo")))
@@ -70,6 +95,8 @@ def run(cfg) -> dict:
     tokenizer = models.load_tokenizer(cfg.model)
     train_rows, eval_rows = recipes.load(cfg, "prompt", tokenizer)
     rule_fn = rule_reward(cfg, train_rows + eval_rows)
+    select_judge = (rule_fn.judge if rule_fn is not None else judges.make_judge(cfg.ppo.rule_judge)) \
+        if select_rows else None
     if main:
         log.info("ppo: %d train prompts, %d eval prompts; policy %s, reward %s", len(train_rows), len(eval_rows),
                  sft_dir, rm_dir)
@@ -86,7 +113,17 @@ def run(cfg) -> dict:
 
     tracker = tracking.start(cfg, "ppo", main)
 
+    metric = cfg.ppo.select_metric
+
     def progress(state):  # metrics.json grows during training; runs.finish rewrites it at the end
+        if select_rows and (state.update % cfg.ppo.save_every == 0 or state.update == cfg.ppo.num_updates):
+            rates = score_policy(cfg, model, tokenizer, select_rows, select_judge, accelerator)
+            state.history[-1].update({f"select/{k}": rates[k] for k in ppo.SELECT_METRICS})
+            if main:
+                log.info("ppo update %d: %s %.3f on %d dev prompts (AR_in %s, RR_out %s)", state.update, metric,
+                         rates[metric] or 0.0, len(select_rows), rates["ar_in"], rates["rr_out"])
+                tracker.log({f"select/{k}": rates[k] for k in ppo.SELECT_METRICS if rates[k] is not None},
+                            step=state.update)
         if main:
             runs.write_json(out / "metrics.json", {"history": state.history})
 
@@ -98,6 +135,15 @@ def run(cfg) -> dict:
         save_total_limit=cfg.trainer.save_total_limit,
         on_update=progress, rule_fn=rule_fn,
     )
+
+    best = ppo.best_update(state.history, metric)
+    if best is not None and best != state.update:
+        kept = out / "checkpoints" / f"checkpoint-{best}"
+        ppo.load_adapter_weights(model, ppo.POLICY, kept / "adapter")
+        ppo.load_value_head(policy_value.value_head, kept / "value_head.safetensors")
+    if best is not None and main:
+        log.info("ppo: the adapter is update %d's (%s %.3f on the dev prompts; the last update's %.3f)", best, metric,
+                 state.history[best - 1][f"select/{metric}"], state.history[-1].get(f"select/{metric}") or 0.0)
 
     # held-out comparison: the SFT policy (adapter "ref") vs the PPO policy, greedy, scored by the RM
     held_out = eval_rows or train_rows[: cfg.eval.batch_size]
@@ -125,6 +171,8 @@ def run(cfg) -> dict:
             for k, r in results.items()} if rule_fn is not None else {}),
         "eval/on_train_prompts": not eval_rows,
         "train/updates": state.update,
+        "select/update": best,
+        **({f"select/{metric}": state.history[best - 1][f"select/{metric}"]} if best is not None else {}),
         "train/first_reward": history[0]["reward_mean"] if history else None,
         "train/last_reward": history[-1]["reward_mean"] if history else None,
         "train/last_kl": history[-1]["kl"] if history else None,

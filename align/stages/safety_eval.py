@@ -13,7 +13,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from align import AlignError, models, runs, tracking
-from align.config import SourceConfig
 from align.data import recipes, sources
 from align.evaluation import judges, metrics, report
 from align.generation import chat_generate, scope_conversations
@@ -25,14 +24,8 @@ GOLD = judges.JUDGE_DATA / "gold.jsonl"
 def prompt_rows(cfg) -> tuple[list[dict], list[str]]:
     """eval.prompts files when given, else the recipe's held-out scope-eval split."""
     if cfg.eval.prompts:
-        rows, names = [], []
-        for path in cfg.eval.prompts:
-            src = SourceConfig(name=Path(path).stem, path=path, kind="scope_eval", split="eval")
-            loaded = sources.load_source(src, cfg.data.on_bad_rows)
-            if loaded.bad:
-                log.warning("eval.prompts: skipped %d bad rows in %s", loaded.bad, path)
-            rows += loaded.rows
-            names.append(str(path))
+        rows = sources.load_scope_files(cfg.eval.prompts, cfg.data.on_bad_rows)
+        names = [str(path) for path in cfg.eval.prompts]
     else:
         rows = recipes.load(cfg, "scope_eval")[1]
         names = [f"data={cfg.data.recipe} (held-out split)"]
