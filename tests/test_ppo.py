@@ -419,7 +419,7 @@ def test_stage_keeps_the_checkpoint_best_on_dev_prompts(tmp_path, adapters_dir):
     scored = {h["update"]: h["select/os"] for h in history if "select/os" in h}
     assert sorted(scored) == [2, 4] and all(0 <= v <= 1 for v in scored.values())
     best = ppo.best_update(history, "os")
-    assert m["select/update"] == best and m["select/os"] == scored[best]
+    assert m["select/update"] == best and m["select/os"] == scored[best] and 0 <= m["select/sft_os"] <= 1
     # the best checkpoint survives pruning (limit 1) beside the last one, and the stage's adapter is its adapter
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted({f"checkpoint-{best}", "checkpoint-4"})
     saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))

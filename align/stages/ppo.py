@@ -58,8 +58,8 @@ def rule_reward(cfg, rows: list):
     return reward.RuleReward(judges.make_judge(cfg.ppo.rule_judge), rows, dict(cfg.ppo.rule_scale))
 
 
-def score_policy(cfg, model, tokenizer, rows: list, judge, accelerator) -> dict:
-    """Greedy answers of the policy adapter to scope-eval rows, judged: the scope rates (align/evaluation/metrics.py)
+def score_policy(cfg, model, tokenizer, rows: list, judge, accelerator, adapter: str = ppo.POLICY) -> dict:
+    """Greedy answers of one adapter (the policy, or "ref": the SFT start) to scope-eval rows, judged: the scope rates (align/evaluation/metrics.py)
     on every process. Why: PPO's refusal rate swings by 15-30 points between checkpoints 10 updates apart, so the
     last update is a draw (docs/benchmarks.md, round 12)."""
     from accelerate.utils import gather_object
@@ -69,11 +69,16 @@ def score_policy(cfg, model, tokenizer, rows: list, judge, accelerator) -> dict:
     mine = list(range(accelerator.process_index, len(encoded), accelerator.num_processes))
     with accelerator.autocast():
         answers = ppo.evaluate(model, tokenizer, [encoded[i] for i in mine], lambda b: torch.zeros(len(b.texts)),
-                               ppo.POLICY, cfg.eval.max_new_tokens, cfg.eval.batch_size)["samples"]
+                               adapter, cfg.eval.max_new_tokens, cfg.eval.batch_size)["samples"]
     texts = dict(gather_object([(i, a[1]) for i, a in zip(mine, answers)]))
     responses = [texts[i] for i in range(len(rows))]
     verdicts = judge.judge([r["prompt"] for r in rows], responses)
     return scope_metrics.compute_metrics([{**r, "verdict": v} for r, v in zip(rows, verdicts)])
+
+
+def describe(rates: dict, metric: str, n: int) -> str:
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    return f"{metric} {fmt(rates[metric])} on {n} dev prompts (AR_in {fmt(rates['ar_in'])}, RR_out {fmt(rates['rr_out'])})"
 
 
 def run(cfg) -> dict:
@@ -114,14 +119,16 @@ def run(cfg) -> dict:
     tracker = tracking.start(cfg, "ppo", main)
 
     metric = cfg.ppo.select_metric
+    start = score_policy(cfg, model, tokenizer, select_rows, select_judge, accelerator, ppo.REF) if select_rows else {}
+    if start and main:
+        log.info("ppo start (SFT policy): %s", describe(start, metric, len(select_rows)))
 
     def progress(state):  # metrics.json grows during training; runs.finish rewrites it at the end
         if select_rows and (state.update % cfg.ppo.save_every == 0 or state.update == cfg.ppo.num_updates):
             rates = score_policy(cfg, model, tokenizer, select_rows, select_judge, accelerator)
             state.history[-1].update({f"select/{k}": rates[k] for k in ppo.SELECT_METRICS})
             if main:
-                log.info("ppo update %d: %s %.3f on %d dev prompts (AR_in %s, RR_out %s)", state.update, metric,
-                         rates[metric] or 0.0, len(select_rows), rates["ar_in"], rates["rr_out"])
+                log.info("ppo update %d: %s", state.update, describe(rates, metric, len(select_rows)))
                 tracker.log({f"select/{k}": rates[k] for k in ppo.SELECT_METRICS if rates[k] is not None},
                             step=state.update)
         if main:
@@ -142,8 +149,12 @@ def run(cfg) -> dict:
         ppo.load_adapter_weights(model, ppo.POLICY, kept / "adapter")
         ppo.load_value_head(policy_value.value_head, kept / "value_head.safetensors")
     if best is not None and main:
-        log.info("ppo: the adapter is update %d's (%s %.3f on the dev prompts; the last update's %.3f)", best, metric,
-                 state.history[best - 1][f"select/{metric}"], state.history[-1].get(f"select/{metric}") or 0.0)
+        chosen = state.history[best - 1][f"select/{metric}"]
+        log.info("ppo: the adapter is update %d's (%s %.3f on the dev prompts; the SFT policy's %.3f, the last "
+                 "update's %.3f)", best, metric, chosen, start[metric], state.history[-1][f"select/{metric}"])
+        if chosen <= start[metric]:
+            log.warning("ppo: no checkpoint beat the SFT policy on ppo.select_prompts (%s %.3f <= %.3f)", metric,
+                        chosen, start[metric])
 
     # held-out comparison: the SFT policy (adapter "ref") vs the PPO policy, greedy, scored by the RM
     held_out = eval_rows or train_rows[: cfg.eval.batch_size]
@@ -172,7 +183,8 @@ def run(cfg) -> dict:
         "eval/on_train_prompts": not eval_rows,
         "train/updates": state.update,
         "select/update": best,
-        **({f"select/{metric}": state.history[best - 1][f"select/{metric}"]} if best is not None else {}),
+        **({f"select/{metric}": state.history[best - 1][f"select/{metric}"], f"select/sft_{metric}": start[metric]}
+           if best is not None else {}),
         "train/first_reward": history[0]["reward_mean"] if history else None,
         "train/last_reward": history[-1]["reward_mean"] if history else None,
         "train/last_kl": history[-1]["kl"] if history else None,
