@@ -9,7 +9,6 @@ rate per category group (tax, off_scope, unsafe, attack), since PPO follows the 
     python scripts/check_reward.py run.name=<run> [prompts=a.jsonl,b.jsonl]   # reads outputs/<run>/{sft,rm}
 """
 
-import json
 import random
 import sys
 from collections import defaultdict
@@ -18,7 +17,7 @@ import torch
 
 from align import AlignError, models, negatives, runs
 from align.config import compose
-from align.data import scope
+from align.data import scope, sources
 from align.evaluation.judges import REFUSED, make_judge
 from align.generation import chat_generate, scope_conversations
 from align.rl import ppo, reward
@@ -34,7 +33,7 @@ def main(argv: list[str]) -> None:
     tok = models.load_tokenizer(cfg.model)
     model = ppo.load_policy(cfg, tok, sft)
     head = reward.load_reward(model, rm)
-    rows = [json.loads(line) for f in files for line in open(f) if line.strip()]
+    rows = sources.load_scope_files(files, what="check_reward prompts")  # validated: a bad row names file:line
     convs = scope_conversations(cfg.scope.system_prompt, [r["prompt"] for r in rows])
     gen = dict(max_new_tokens=cfg.ppo.max_new_tokens, batch_size=cfg.eval.batch_size)
     with ppo.use_adapter(model, ppo.POLICY):
@@ -74,8 +73,12 @@ def main(argv: list[str]) -> None:
         print(f"({skipped} prompts left out: the policy refused even with its refusal openers barred)")
 
 
-if __name__ == "__main__":
+def cli(argv: list[str]) -> None:
     try:
-        main(sys.argv[1:])
-    except AlignError as err:  # a missing run or stage: one line, not a traceback
+        main(argv)
+    except AlignError as err:  # a missing run or stage, a bad prompt row: one line, not a traceback
         sys.exit(f"check_reward: {err}")
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])
