@@ -94,6 +94,7 @@ class DataConfig:
     train_files: List[str] = field(default_factory=list)
     eval_files: List[str] = field(default_factory=list)
     rl_files: List[str] = field(default_factory=list)
+    dev_files: List[str] = field(default_factory=list)
     eval_fraction: float = 0.0
     on_bad_rows: str = "error"
     rejected_source: str = "template"

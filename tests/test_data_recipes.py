@@ -500,6 +500,10 @@ def test_write_and_reuse_a_finished_build(tmp_path, monkeypatch):
     assert train == built.sft_train and evals == built.sft_eval
     assert recipes.load(cfg, "scope_eval") == ([], [])
     assert recipes.fingerprint(cfg) == built.fingerprint
+    # dev files are read by the stages that tune on them, not built: another list still reuses the build
+    tuned = make_cfg(tmp_path, data={"sources": [{"name": "a", "path": path, "kind": "sft"}], "eval_fraction": 0.2,
+                                     "dev_files": ["dev.jsonl"]})
+    assert recipes.load(tuned, "sft") == (built.sft_train, built.sft_eval)
     # a changed source file means a rebuild
     monkeypatch.undo()
     write_jsonl(tmp_path / "a.jsonl", varied_sft(12))

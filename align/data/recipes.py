@@ -107,8 +107,10 @@ def needs_tokenizer(cfg) -> bool:
 def config_fingerprint(cfg) -> str:
     """What a build depends on: data + scope config, seed, the content of local source files, and the
     tokenizer when a length filter counts tokens."""
-    # reuse_built, rejected_source and chosen_source (applied by the dpo, kto and rm stages) do not change the files
-    data = {k: v for k, v in _plain(cfg.data).items() if k not in ("reuse_built", "rejected_source", "chosen_source")}
+    # reuse_built, rejected_source and chosen_source (applied by the dpo, kto and rm stages) and dev_files (read by
+    # the stages that tune on them) do not change the files
+    data = {k: v for k, v in _plain(cfg.data).items()
+            if k not in ("reuse_built", "rejected_source", "chosen_source", "dev_files")}
     files = {}
     for src in source_configs(cfg):
         path = sources.resolve(src.path)
