@@ -67,8 +67,13 @@ def test_ppo_policy_brings_rm_defaults_that_user_overrides_beat():
     assert rm.trainer.max_steps == 180 and rm.trainer.learning_rate == 3e-4 and rm.stage.name == "rm"
     assert rm.trainer.max_length == 128 and rm.data.chosen_source == "policy"
     assert rm.data.over_refusal_topic == "off_scope"
-    assert compose_stage(cfg, "ppo", []).ppo.rule_weight == 3.0  # the chain's ppo; stage=ppo alone keeps 0
+    chain = compose_stage(cfg, "ppo", [])
+    assert chain.ppo.rule_weight == 3.0  # the chain's ppo; stage=ppo alone keeps 0
     assert compose("stage=ppo").ppo.rule_weight == 0.0
+    # the chain keeps the checkpoint best on the recipe's dev prompts, whichever recipe that is
+    assert list(chain.ppo.select_prompts) == list(chain.data.dev_files) and chain.data.dev_files
+    other = compose_stage(compose("stage=pipeline", "pipeline.policy=ppo", "data.dev_files=[mine.jsonl]"), "ppo", [])
+    assert list(other.ppo.select_prompts) == ["mine.jsonl"] and not compose("stage=ppo").ppo.select_prompts
     assert compose_stage(cfg, "sft", []).trainer.max_steps == compose("stage=sft").trainer.max_steps
     # the dpo chain keeps the rm stage's own settings
     assert compose_stage(compose("stage=pipeline", "run.name=p"), "rm", []).trainer.max_steps == 20
