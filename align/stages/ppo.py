@@ -59,9 +59,9 @@ def rule_reward(cfg, rows: list):
 
 
 def score_policy(cfg, model, tokenizer, rows: list, judge, accelerator, adapter: str = ppo.POLICY) -> dict:
-    """Greedy answers of one adapter (the policy, or "ref": the SFT start) to scope-eval rows, judged: the scope rates (align/evaluation/metrics.py)
-    on every process. Why: PPO's refusal rate swings by 15-30 points between checkpoints 10 updates apart, so the
-    last update is a draw (docs/benchmarks.md, round 12)."""
+    """Greedy answers of one adapter (the policy, or "ref": the SFT start) to scope-eval rows, judged: the scope
+    rates (align/evaluation/metrics.py), on every process. Why: PPO's answer rate swung 10-30 points between
+    checkpoints 5 updates apart, so the last update is a draw (docs/benchmarks.md, round 12)."""
     from accelerate.utils import gather_object
 
     convs = scope_conversations(cfg.scope.system_prompt, [r["prompt"] for r in rows])
@@ -78,7 +78,8 @@ def score_policy(cfg, model, tokenizer, rows: list, judge, accelerator, adapter:
 
 def describe(rates: dict, metric: str, n: int) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    return f"{metric} {fmt(rates[metric])} on {n} dev prompts (AR_in {fmt(rates['ar_in'])}, RR_out {fmt(rates['rr_out'])})"
+    return (f"{metric} {fmt(rates[metric])} on {n} dev prompts "
+            f"(AR_in {fmt(rates['ar_in'])}, RR_out {fmt(rates['rr_out'])})")
 
 
 def run(cfg) -> dict:
