@@ -145,12 +145,12 @@ def run(cfg) -> dict:
     )
 
     best = ppo.best_update(state.history, metric)
+    chosen = state.history[best - 1][f"select/{metric}"] if best is not None else None
     if best is not None and best != state.update:
         kept = out / "checkpoints" / f"checkpoint-{best}"
         ppo.load_adapter_weights(model, ppo.POLICY, kept / "adapter")
         ppo.load_value_head(policy_value.value_head, kept / "value_head.safetensors")
     if best is not None and main:
-        chosen = state.history[best - 1][f"select/{metric}"]
         log.info("ppo: the adapter is update %d's (%s %.3f on the dev prompts; the SFT policy's %.3f, the last "
                  "update's %.3f)", best, metric, chosen, start[metric], state.history[-1][f"select/{metric}"])
         if chosen <= start[metric]:
@@ -184,8 +184,7 @@ def run(cfg) -> dict:
         "eval/on_train_prompts": not eval_rows,
         "train/updates": state.update,
         "select/update": best,
-        **({f"select/{metric}": state.history[best - 1][f"select/{metric}"], f"select/sft_{metric}": start[metric]}
-           if best is not None else {}),
+        **({f"select/{metric}": chosen, f"select/sft_{metric}": start[metric]} if best is not None else {}),
         "train/first_reward": history[0]["reward_mean"] if history else None,
         "train/last_reward": history[-1]["reward_mean"] if history else None,
         "train/last_kl": history[-1]["kl"] if history else None,
