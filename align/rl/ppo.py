@@ -445,12 +445,13 @@ def rollout(model, tokenizer, prompts: list[tuple[list, list[int]]], gen_config,
 @torch.no_grad()
 def evaluate(model, tokenizer, prompts, reward_fn, adapter_name: str, max_new_tokens: int, batch_size: int
              ) -> dict:
-    """Greedy responses with one adapter, scored by reward_fn: mean score, EOS rate, mean length."""
+    """Greedy responses with one adapter, scored by reward_fn (None: no scores, only the texts): mean score, EOS
+    rate, mean length. Unlike generation.chat_generate it leaves the model in train mode (see train())."""
     gen = generation_config(tokenizer, model, max_new_tokens, do_sample=False)
     scores, eos, lengths, samples = [], [], [], []
     for i in range(0, len(prompts), batch_size):
         batch = rollout(model, tokenizer, prompts[i:i + batch_size], gen, adapter_name)
-        s = reward_fn(batch).cpu()
+        s = reward_fn(batch).cpu() if reward_fn is not None else torch.full((len(batch.texts),), float("nan"))
         scores += s.tolist()
         eos += batch.has_eos.cpu().tolist()
         lengths += batch.response_mask.sum(-1).cpu().tolist()

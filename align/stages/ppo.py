@@ -65,11 +65,12 @@ def score_policy(cfg, model, tokenizer, rows: list, judge, accelerator, adapter:
     from accelerate.utils import gather_object
 
     convs = scope_conversations(cfg.scope.system_prompt, [r["prompt"] for r in rows])
+    # no length cap: a dropped dev prompt would shift every answer onto the wrong row
     encoded = ppo.encode_prompts(tokenizer, [{"prompt": c} for c in convs], max_prompt_length=10**9)
     mine = list(range(accelerator.process_index, len(encoded), accelerator.num_processes))
-    with accelerator.autocast():
-        answers = ppo.evaluate(model, tokenizer, [encoded[i] for i in mine], lambda b: torch.zeros(len(b.texts)),
-                               adapter, cfg.eval.max_new_tokens, cfg.eval.batch_size)["samples"]
+    with accelerator.autocast():  # ppo.evaluate, not chat_generate: eval mode would break QLoRA training after it
+        answers = ppo.evaluate(model, tokenizer, [encoded[i] for i in mine], None, adapter,
+                               cfg.eval.max_new_tokens, cfg.eval.batch_size)["samples"]
     texts = dict(gather_object([(i, a[1]) for i, a in zip(mine, answers)]))
     responses = [texts[i] for i in range(len(rows))]
     verdicts = judge.judge([r["prompt"] for r in rows], responses)
