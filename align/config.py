@@ -193,6 +193,9 @@ class PpoConfig:
     samples_per_prompt: int = 1
     select_prompts: List[str] = field(default_factory=list)
     select_metric: str = "os"
+    mine_prompts: int = 0
+    mine_samples: int = 4
+    mine_max_new_tokens: int = 16
 
 
 @dataclass

@@ -373,12 +373,59 @@ def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir):
     with pytest.raises(AlignError, match=r"ppo.samples_per_prompt \(3\) must be at least 1 and divide "
                                          r"ppo.rollout_batch_size \(4\)"):
         run_stage(tmp_path, *PPO_FAST, "ppo.samples_per_prompt=3")
+    with pytest.raises(AlignError, match=r"ppo.mine_prompts \(-1\) must be >= 0"):
+        run_stage(tmp_path, *PPO_FAST, "ppo.mine_prompts=-1")
     m = run_stage(tmp_path, *SCOPED, "ppo.rule_weight=1.0", "ppo.rule_judge=keyword", "ppo.samples_per_prompt=2",
-                  "ppo.rule_scale.answer=0.5")
+                  "ppo.rule_scale.answer=0.5", "ppo.mine_prompts=12", "ppo.mine_samples=2", "ppo.mine_max_new_tokens=4")
     history = json.loads((tmp_path / "t" / "ppo" / "metrics.json").read_text())["history"]
+    mined = [json.loads(line) for line in (tmp_path / "t" / "ppo" / "mined_prompts.jsonl").read_text().splitlines()]
+    assert all(1 <= r["wrong"] <= 2 and len(r["samples"]) == 2 and r["expected"] in ("answer", "refuse")
+               for r in mined)
     # every scope prompt expects a behaviour, so each of the 4 rollouts scores +-1 (refuse) or +-0.5 (answer)
     assert all(h["rule_mean"] * 8 == round(h["rule_mean"] * 8) and abs(h["rule_mean"]) <= 1 for h in history)
     assert -1 <= m["eval/rule_sft"] <= 1 and -1 <= m["eval/rule_ppo"] <= 1
+
+
+def test_mined_rollout_prompts_are_the_sft_mistakes_with_as_many_of_each_kind(tmp_path, adapters_dir):
+    """ppo.mine_prompts: prompts the sampled SFT answers got wrong, expected refusals repeated up to the number of
+    expected answers; with mistakes of one kind only, every prompt. The judge here reads the prompt, not the
+    sampled answer, so which prompts count as mistakes is known."""
+    from accelerate import Accelerator
+
+    from align.evaluation.judges import ANSWERED, REFUSED
+    from align.stages import ppo as ppo_stage
+
+    class ByPrompt:
+        def __init__(self, refused):
+            self.refused = refused
+
+        def judge(self, prompts, responses):
+            assert len(prompts) == len(responses) and all(isinstance(r, str) for r in responses)
+            return [REFUSED if any(w in p for w in self.refused) else ANSWERED for p in prompts]
+
+    def ask(q, expected):
+        return {"prompt": [{"role": "system", "content": "You are a tax assistant."}, {"role": "user", "content": q}],
+                "expected": expected}
+
+    rows = [ask("Can I deduct my car?", "answer"), ask("Can I deduct my desk?", "answer"),
+            ask("What is a W-2?", "answer"), ask("Bake me a cake.", "refuse"), ask("Will it rain?", "refuse")]
+    rows = rows + rows[:2]  # upsampled rows are mined once
+    model, _, tok = policy_with_reward(adapters_dir)
+    cfg = compose(tmp_path, *SCOPED, "ppo.mine_prompts=10", "ppo.mine_samples=3", "ppo.mine_max_new_tokens=4")
+    mine = lambda refused: ppo_stage.mine_prompts(  # noqa: E731
+        cfg, model, tok, rows, reward.RuleReward(ByPrompt(refused), rows), Accelerator(cpu=True), 0, tmp_path)
+    users = lambda rs: sorted(ppo.last_user(r["prompt"]) for r in rs)  # noqa: E731
+
+    # over-refused: the two "deduct" questions; under-refused: the cake (the rain is refused, as it should be)
+    kept = mine(("deduct", "rain"))
+    assert users(kept) == sorted(["Can I deduct my car?", "Can I deduct my desk?", "Bake me a cake.",
+                                  "Bake me a cake."])
+    mined = [json.loads(line) for line in (tmp_path / "mined_prompts.jsonl").read_text().splitlines()]
+    assert sorted((r["prompt"], r["expected"], r["wrong"]) for r in mined) == [
+        ("Bake me a cake.", "refuse", 3), ("Can I deduct my car?", "answer", 3), ("Can I deduct my desk?", "answer", 3)]
+    assert all(len(r["samples"]) == 3 for r in mined)
+    # only over-refusals: nothing to balance them with, so PPO rolls out on every row as before
+    assert mine(("deduct", "cake", "rain")) == rows
 
 
 # a few dev prompts in the scope-eval format: (prompt, expected, category)

@@ -549,6 +549,9 @@ def check_options(pcfg) -> None:
         raise AlignError(f"ppo.rule_judge must be keyword or classifier, got {pcfg.rule_judge!r}")
     if pcfg.select_prompts and not pcfg.save_every:
         raise AlignError("ppo.select_prompts picks among checkpoints: set ppo.save_every > 0")
+    if pcfg.mine_prompts < 0 or (pcfg.mine_prompts and (pcfg.mine_samples < 1 or pcfg.mine_max_new_tokens < 1)):
+        raise AlignError(f"ppo.mine_prompts ({pcfg.mine_prompts}) must be >= 0, and when on ppo.mine_samples "
+                         f"({pcfg.mine_samples}) and ppo.mine_max_new_tokens ({pcfg.mine_max_new_tokens}) >= 1")
     if pcfg.select_metric not in SELECT_METRICS:
         raise AlignError(f"ppo.select_metric must be one of {', '.join(SELECT_METRICS)}, got {pcfg.select_metric!r}")
     scale = dict(pcfg.rule_scale)

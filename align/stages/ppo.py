@@ -9,6 +9,7 @@ checkpoint on the dev prompts (ppo.select_prompts) -> the best checkpoint, or th
 
 import json
 import logging
+import random
 import time
 
 import torch
@@ -77,6 +78,53 @@ def score_policy(cfg, model, tokenizer, rows: list, judge, accelerator, adapter:
     return scope_metrics.compute_metrics([{**r, "verdict": v} for r, v in zip(rows, verdicts)])
 
 
+def mine_prompts(cfg, model, tokenizer, rows: list, rule_fn, accelerator, seed: int, out) -> list:
+    """The rollout prompts PPO learns from: the SFT policy samples ppo.mine_samples short answers to
+    ppo.mine_prompts distinct training prompts, and only prompts it got wrong at least once are kept, the smaller of
+    the two kinds (expected answers, expected refusals) repeated up to the larger. Why: on all prompts SFT's sampled
+    mistakes were mostly over-refusals, so PPO moved the answer rate as a whole, not the boundary (round 12); with
+    as many of each kind the push toward answering and the push toward refusing cancel where they share a cause."""
+    from accelerate.utils import gather_object
+
+    pcfg = cfg.ppo
+    if rule_fn is None:
+        raise AlignError("ppo.mine_prompts needs prompt rows with an expected behaviour (scope data); plain prompt "
+                         "rows have none: set ppo.mine_prompts=0")
+    distinct = {reward.prompt_key(r["prompt"]): r for r in rows if r.get("expected") in ("answer", "refuse")}
+    pool = [distinct[k] for k in sorted(distinct)]
+    random.Random(seed).shuffle(pool)
+    pool = pool[:pcfg.mine_prompts]
+    encoded = ppo.encode_prompts(tokenizer, pool, cfg.trainer.max_length - pcfg.max_new_tokens)
+    mine = [e for e in encoded[accelerator.process_index::accelerator.num_processes] for _ in range(pcfg.mine_samples)]
+    gen = ppo.generation_config(tokenizer, model, pcfg.mine_max_new_tokens, True, pcfg.temperature, pcfg.top_p)
+    started, texts = time.time(), []
+    torch.manual_seed(seed * 1000 + accelerator.process_index)
+    with accelerator.autocast():
+        for i in range(0, len(mine), cfg.eval.batch_size):
+            texts += ppo.rollout(model, tokenizer, mine[i:i + cfg.eval.batch_size], gen, ppo.REF).texts
+    verdicts = rule_fn.judge.judge([ppo.last_user(m) for m, _ in mine], texts)
+    wrong: dict = {}
+    for (messages, _), verdict, text in gather_object(list(zip(mine, verdicts, texts))):
+        entry = wrong.setdefault(reward.prompt_key(messages), {"wrong": 0, "samples": []})
+        entry["wrong"] += (verdict == judges.REFUSED) != (distinct[reward.prompt_key(messages)]["expected"] == "refuse")
+        entry["samples"].append(text)
+    kept = {want: [r for r in pool if wrong.get(reward.prompt_key(r["prompt"]), {}).get("wrong")
+                   and r["expected"] == want] for want in ("answer", "refuse")}
+    if accelerator.is_main_process:
+        log.info("ppo mine: %d prompts x %d samples of %d tokens in %.0fs; SFT got %d expected answers and %d "
+                 "expected refusals wrong at least once", len(encoded), pcfg.mine_samples, pcfg.mine_max_new_tokens,
+                 time.time() - started, len(kept["answer"]), len(kept["refuse"]))
+        (out / "mined_prompts.jsonl").write_text("".join(
+            json.dumps({"prompt": ppo.last_user(r["prompt"]), "expected": r["expected"],
+                        **wrong[reward.prompt_key(r["prompt"])]}) + "\n" for r in kept["answer"] + kept["refuse"]))
+    if not kept["answer"] or not kept["refuse"]:
+        log.warning("ppo mine: no mistakes of one kind on %d prompts; rolling out on all training prompts instead "
+                    "(raise ppo.mine_prompts or ppo.mine_samples)", len(encoded))
+        return rows
+    small, large = sorted(kept.values(), key=len)
+    return large + [small[i % len(small)] for i in range(len(large))]
+
+
 def describe(rates: dict, metric: str, n: int) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     return (f"{metric} {fmt(rates[metric])} on {n} dev prompts "
@@ -120,6 +168,10 @@ def run(cfg) -> dict:
 
     tracker = tracking.start(cfg, "ppo", main)
 
+    rollout_rows = train_rows
+    if cfg.ppo.mine_prompts:
+        rollout_rows = mine_prompts(cfg, model, tokenizer, train_rows, rule_fn, accelerator, ppo_seed(cfg), out)
+
     metric = cfg.ppo.select_metric
     start = score_policy(cfg, model, tokenizer, select_rows, select_judge, accelerator, ppo.REF) if select_rows else {}
     if start and main:
@@ -137,7 +189,7 @@ def run(cfg) -> dict:
             runs.write_json(out / "metrics.json", {"history": state.history})
 
     state = ppo.train(
-        policy_value, tokenizer, train_rows, reward_fn, cfg.ppo, accelerator,
+        policy_value, tokenizer, rollout_rows, reward_fn, cfg.ppo, accelerator,
         optimizer=ppo.make_optimizer(policy_value, cfg.ppo, cfg.trainer.weight_decay),
         tracker=tracker, out=out, seed=ppo_seed(cfg), max_grad_norm=cfg.trainer.max_grad_norm,
         max_prompt_length=cfg.trainer.max_length - cfg.ppo.max_new_tokens, resume=cfg.run.resume,
