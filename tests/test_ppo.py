@@ -412,7 +412,7 @@ def test_mined_rollout_prompts_are_the_sft_mistakes_with_as_many_of_each_kind(tm
     rows = rows + rows[:2]  # upsampled rows are mined once
     model, _, tok = policy_with_reward(adapters_dir)
     cfg = compose(tmp_path, *SCOPED, "ppo.mine_prompts=10", "ppo.mine_samples=3", "ppo.mine_max_new_tokens=4")
-    mine = lambda refused: ppo_stage.mine_prompts(  # noqa: E731
+    mine = lambda refused, cfg=cfg: ppo_stage.mine_prompts(  # noqa: E731
         cfg, model, tok, rows, reward.RuleReward(ByPrompt(refused), rows), Accelerator(cpu=True), 0, tmp_path)
     users = lambda rs: sorted(ppo.last_user(r["prompt"]) for r in rs)  # noqa: E731
 
@@ -424,6 +424,8 @@ def test_mined_rollout_prompts_are_the_sft_mistakes_with_as_many_of_each_kind(tm
     assert sorted((r["prompt"], r["expected"], r["wrong"]) for r in mined) == [
         ("Bake me a cake.", "refuse", 3), ("Can I deduct my car?", "answer", 3), ("Can I deduct my desk?", "answer", 3)]
     assert all(len(r["samples"]) == 3 for r in mined)
+    # a resumed run reads the mined prompts back instead of sampling again (this judge would find no mistakes)
+    assert mine((), compose(tmp_path, *SCOPED, "ppo.mine_prompts=10", "run.resume=true")) == kept
     # only over-refusals: nothing to balance them with, so PPO rolls out on every row as before
     assert mine(("deduct", "cake", "rain")) == rows
 

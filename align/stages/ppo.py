@@ -13,6 +13,7 @@ import random
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from align import AlignError, adapters, models, runs, tracking
 from align.data import recipes, sources
@@ -94,13 +95,22 @@ def mine_prompts(cfg, model, tokenizer, rows: list, rule_fn, accelerator, seed: 
     pool = [distinct[k] for k in sorted(distinct)]
     random.Random(seed).shuffle(pool)
     pool = pool[:pcfg.mine_prompts]
+    saved = out / "mined_prompts.jsonl"
+    if cfg.run.resume and saved.exists():  # minutes of sampling, and the same seed would find the same prompts
+        keys = {reward.prompt_key(json.loads(line)["messages"]) for line in saved.read_text().splitlines()}
+        kept = {want: [r for r in pool if reward.prompt_key(r["prompt"]) in keys and r["expected"] == want]
+                for want in ("answer", "refuse")}
+        log.info("ppo mine: %d expected answers and %d expected refusals from %s", len(kept["answer"]),
+                 len(kept["refuse"]), saved)
+        return balanced(kept, rows, len(pool))
     encoded = ppo.encode_prompts(tokenizer, pool, cfg.trainer.max_length - pcfg.max_new_tokens)
     mine = [e for e in encoded[accelerator.process_index::accelerator.num_processes] for _ in range(pcfg.mine_samples)]
     gen = ppo.generation_config(tokenizer, model, pcfg.mine_max_new_tokens, True, pcfg.temperature, pcfg.top_p)
     started, texts = time.time(), []
     torch.manual_seed(seed * 1000 + accelerator.process_index)
     with accelerator.autocast():
-        for i in range(0, len(mine), cfg.eval.batch_size):
+        for i in tqdm(range(0, len(mine), cfg.eval.batch_size), desc="ppo mine", leave=False,
+                      disable=not accelerator.is_main_process):
             texts += ppo.rollout(model, tokenizer, mine[i:i + cfg.eval.batch_size], gen, ppo.REF).texts
     verdicts = rule_fn.judge.judge([ppo.last_user(m) for m, _ in mine], texts)
     wrong: dict = {}
@@ -114,12 +124,18 @@ def mine_prompts(cfg, model, tokenizer, rows: list, rule_fn, accelerator, seed: 
         log.info("ppo mine: %d prompts x %d samples of %d tokens in %.0fs; SFT got %d expected answers and %d "
                  "expected refusals wrong at least once", len(encoded), pcfg.mine_samples, pcfg.mine_max_new_tokens,
                  time.time() - started, len(kept["answer"]), len(kept["refuse"]))
-        (out / "mined_prompts.jsonl").write_text("".join(
+        saved.write_text("".join(
             json.dumps({"prompt": ppo.last_user(r["prompt"]), "expected": r["expected"],
-                        **wrong[reward.prompt_key(r["prompt"])]}) + "\n" for r in kept["answer"] + kept["refuse"]))
+                        **wrong[reward.prompt_key(r["prompt"])], "messages": r["prompt"]}) + "\n"
+            for r in kept["answer"] + kept["refuse"]))
+    return balanced(kept, rows, len(encoded))
+
+
+def balanced(kept: dict, rows: list, n_mined: int) -> list:
+    """The mined prompts, the smaller kind repeated up to the larger; every row when one kind is missing."""
     if not kept["answer"] or not kept["refuse"]:
         log.warning("ppo mine: no mistakes of one kind on %d prompts; rolling out on all training prompts instead "
-                    "(raise ppo.mine_prompts or ppo.mine_samples)", len(encoded))
+                    "(raise ppo.mine_prompts or ppo.mine_samples)", n_mined)
         return rows
     small, large = sorted(kept.values(), key=len)
     return large + [small[i % len(small)] for i in range(len(large))]
