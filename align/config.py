@@ -185,6 +185,7 @@ class PpoConfig:
     sample_every: int = 5
     save_every: int = 10
     rule_weight: float = 0.0
+    rm_weight: float = 1.0
     rule_judge: str = "classifier"
     seed: Optional[int] = None
     rule_scale: dict = field(default_factory=lambda: {"answer": 1.0, "refuse": 1.0})

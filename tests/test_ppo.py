@@ -311,6 +311,17 @@ def test_samples_per_prompt_are_scored_against_their_siblings(adapters_dir):
     assert a == b and c == d and a != c
     assert abs(state.history[0]["total_reward"] + state.history[0]["beta"] * state.history[0]["kl"]) < 1e-4
 
+    # ppo.rm_weight=0: a reward model that does tell responses apart is logged but not optimised
+    def by_response(batch):
+        return torch.tensor([float(len(t)) + 1 for t in batch.texts])
+
+    pcfg = PpoConfig(rollout_batch_size=4, mini_batch_size=2, num_updates=1, max_new_tokens=6, reward_norm=False,
+                     missing_eos_penalty=None, sample_every=0, save_every=0, rm_weight=0.0, rule_weight=1.0)
+    state = ppo.train(ppo.PolicyValue(model, ppo.new_value_head(model)), tok, prompts, by_response, pcfg,
+                      Accelerator(cpu=True), seed=0, rule_fn=lambda batch: torch.zeros(len(batch.texts)))
+    record = state.history[0]
+    assert record["reward_mean"] >= 1 and abs(record["total_reward"] + record["beta"] * record["kl"]) < 1e-4
+
 
 # --- the stage -----------------------------------------------------------------------------------
 
@@ -373,10 +384,13 @@ def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir):
     with pytest.raises(AlignError, match=r"ppo.samples_per_prompt \(3\) must be at least 1 and divide "
                                          r"ppo.rollout_batch_size \(4\)"):
         run_stage(tmp_path, *PPO_FAST, "ppo.samples_per_prompt=3")
+    with pytest.raises(AlignError, match=r"ppo.rm_weight must be >= 0, and above 0 unless ppo.rule_weight is"):
+        run_stage(tmp_path, *PPO_FAST, "ppo.rm_weight=0")
     with pytest.raises(AlignError, match=r"ppo.mine_prompts \(-1\) must be >= 0"):
         run_stage(tmp_path, *PPO_FAST, "ppo.mine_prompts=-1")
     m = run_stage(tmp_path, *SCOPED, "ppo.rule_weight=1.0", "ppo.rule_judge=keyword", "ppo.samples_per_prompt=2",
-                  "ppo.rule_scale.answer=0.5", "ppo.mine_prompts=12", "ppo.mine_samples=2", "ppo.mine_max_new_tokens=4")
+                  "ppo.rule_scale.answer=0.5", "ppo.mine_prompts=12", "ppo.mine_samples=2", "ppo.mine_max_new_tokens=4",
+                  "ppo.rm_weight=0")
     history = json.loads((tmp_path / "t" / "ppo" / "metrics.json").read_text())["history"]
     mined = [json.loads(line) for line in (tmp_path / "t" / "ppo" / "mined_prompts.jsonl").read_text().splitlines()]
     assert all(1 <= r["wrong"] <= 2 and len(r["samples"]) == 2 and r["expected"] in ("answer", "refuse")

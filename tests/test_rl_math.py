@@ -114,6 +114,11 @@ def test_score_normalisation_then_missing_eos_penalty():
     assert approx(out, [1.0, 0.5])  # (3 - 1) / 2 = 1; without EOS 1 - 0.5
     raw = shape_scores(torch.tensor([3.0]), torch.tensor([False]), None, None)
     assert approx(raw, [3.0])
+    # ppo.rm_weight scales the normalised score, not the EOS penalty; at 0 only the penalty is left
+    assert approx(shape_scores(torch.tensor([3.0, 3.0]), torch.tensor([True, False]), m, 0.5, weight=0.5),
+                  [0.5, 0.0])
+    assert approx(shape_scores(torch.tensor([3.0, 3.0]), torch.tensor([True, False]), m, 0.5, weight=0.0),
+                  [0.0, -0.5])
 
 
 # --- GAE -----------------------------------------------------------------------------------------

@@ -120,11 +120,11 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 def shape_scores(scores: torch.Tensor, has_eos: torch.Tensor, moments: RunningMoments | None,
-                 missing_eos_penalty: float | None) -> torch.Tensor:
+                 missing_eos_penalty: float | None, weight: float = 1.0) -> torch.Tensor:
     """RM scores -> the scalar reward of each sequence: normalised by the running moments (if given,
-    already updated with this batch), then minus the penalty where the response never emitted EOS.
+    already updated with this batch) and weighted, then minus the penalty where the response never emitted EOS.
     The penalty is applied after normalisation, so it is in units of the score's standard deviation."""
-    out = moments.normalize(scores) if moments is not None else scores
+    out = weight * (moments.normalize(scores) if moments is not None else scores)
     if missing_eos_penalty is not None:
         out = out - missing_eos_penalty * (~has_eos).to(out.dtype)
     return out
@@ -509,7 +509,8 @@ def score_rollout(policy_value: PolicyValue, batch: Rollout, reward_fn, state: L
     all_raw = accelerator.gather(raw)
     if pcfg.reward_norm:
         state.moments.update(all_raw)
-    scores = shape_scores(raw, batch.has_eos, state.moments if pcfg.reward_norm else None, pcfg.missing_eos_penalty)
+    scores = shape_scores(raw, batch.has_eos, state.moments if pcfg.reward_norm else None, pcfg.missing_eos_penalty,
+                          pcfg.rm_weight)
     rule = rule_fn(batch).float().to(ids.device) if rule_fn is not None else torch.zeros_like(raw)
     scores = scores + pcfg.rule_weight * rule
     if pcfg.samples_per_prompt > 1:
@@ -549,6 +550,9 @@ def check_options(pcfg) -> None:
         raise AlignError(f"ppo.rule_judge must be keyword or classifier, got {pcfg.rule_judge!r}")
     if pcfg.select_prompts and not pcfg.save_every:
         raise AlignError("ppo.select_prompts picks among checkpoints: set ppo.save_every > 0")
+    if pcfg.rm_weight < 0 or (pcfg.rm_weight == 0 and not pcfg.rule_weight):
+        raise AlignError(f"ppo.rm_weight must be >= 0, and above 0 unless ppo.rule_weight is (got rm_weight "
+                         f"{pcfg.rm_weight}, rule_weight {pcfg.rule_weight}): PPO needs a reward")
     if pcfg.mine_prompts < 0 or (pcfg.mine_prompts and (pcfg.mine_samples < 1 or pcfg.mine_max_new_tokens < 1)):
         raise AlignError(f"ppo.mine_prompts ({pcfg.mine_prompts}) must be >= 0, and when on ppo.mine_samples "
                          f"({pcfg.mine_samples}) and ppo.mine_max_new_tokens ({pcfg.mine_max_new_tokens}) >= 1")
