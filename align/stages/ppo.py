@@ -2,7 +2,8 @@
 adapter as reward model (align/rl/ppo.py holds the algorithm).
 
 Recipe: resolve sft + rm -> prompts -> base + adapters "policy", "ref", "reward" + value head
--> the rule reward's judge, when prompts carry their expected behaviour (ppo.rule_weight) -> PPO, scoring each
+-> the rule reward's judge, when prompts carry their expected behaviour (ppo.rule_weight) -> optionally the
+rollout prompts mined from the SFT policy's mistakes (ppo.mine_prompts) -> PPO, scoring each
 checkpoint on the dev prompts (ppo.select_prompts) -> the best checkpoint, or the last update
 -> held-out reward of the SFT policy vs the PPO policy -> save adapter + value head -> manifest.
 """
@@ -84,7 +85,8 @@ def mine_prompts(cfg, model, tokenizer, rows: list, rule_fn, accelerator, seed: 
     ppo.mine_prompts distinct training prompts, and only prompts it got wrong at least once are kept, the smaller of
     the two kinds (expected answers, expected refusals) repeated up to the larger. Why: on all prompts SFT's sampled
     mistakes were mostly over-refusals, so PPO moved the answer rate as a whole, not the boundary (round 12); with
-    as many of each kind the push toward answering and the push toward refusing cancel where they share a cause."""
+    as many of each kind the push toward answering and the push toward refusing cancel where they share a cause.
+    Measured: it did not stop the drift toward answering (docs/benchmarks.md, round 13)."""
     from accelerate.utils import gather_object
 
     pcfg = cfg.ppo
