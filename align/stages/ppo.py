@@ -83,10 +83,10 @@ def score_policy(cfg, model, tokenizer, rows: list, judge, accelerator, adapter:
 def mine_prompts(cfg, model, tokenizer, rows: list, rule_fn, accelerator, seed: int, out) -> list:
     """The rollout prompts PPO learns from: the SFT policy samples ppo.mine_samples short answers to
     ppo.mine_prompts distinct training prompts, and only prompts it got wrong at least once are kept, the smaller of
-    the two kinds (expected answers, expected refusals) repeated up to the larger. Why: on all prompts SFT's sampled
-    mistakes were mostly over-refusals, so PPO moved the answer rate as a whole, not the boundary (round 12); with
-    as many of each kind the push toward answering and the push toward refusing cancel where they share a cause.
-    Measured: it did not stop the drift toward answering (docs/benchmarks.md, round 13)."""
+    the two kinds (expected answers, expected refusals) repeated up to the larger. Why: PPO moved the answer rate as
+    a whole, not the boundary (docs/benchmarks.md, round 12); with as many chances to learn each behaviour, the push
+    toward answering and the push toward refusing should cancel where they share a cause. Measured: it did not stop
+    the drift toward answering (round 13)."""
     from accelerate.utils import gather_object
 
     pcfg = cfg.ppo
