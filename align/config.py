@@ -192,6 +192,7 @@ class PpoConfig:
     shared_critic: bool = False
     advantage_whitening: str = "token"
     samples_per_prompt: int = 1
+    positive_only: bool = False
     select_prompts: List[str] = field(default_factory=list)
     select_metric: str = "os"
     mine_prompts: int = 0

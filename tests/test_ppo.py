@@ -289,6 +289,8 @@ def test_rule_reward_adds_to_the_score_at_the_last_token(adapters_dir):
 def test_samples_per_prompt_are_scored_against_their_siblings(adapters_dir):
     from accelerate import Accelerator
 
+    from align import AlignError
+
     scores = torch.tensor([1.0, 3.0, 0.0, 0.0, 2.0, -2.0])
     assert torch.equal(ppo.against_siblings(scores, 2), torch.tensor([-2.0, 2.0, 0.0, 0.0, 4.0, -4.0]))
     assert torch.equal(ppo.against_siblings(torch.tensor([1.0, 2.0, 3.0]), 3), torch.tensor([-1.5, 0.0, 1.5]))
@@ -310,6 +312,19 @@ def test_samples_per_prompt_are_scored_against_their_siblings(adapters_dir):
     (a, b, c, d), = seen
     assert a == b and c == d and a != c
     assert abs(state.history[0]["total_reward"] + state.history[0]["beta"] * state.history[0]["kl"]) < 1e-4
+    assert state.history[0]["trained_share"] == 1.0  # ties (0 against the siblings) all train the policy
+
+    # ppo.positive_only: of each pair the second scores higher, so the policy loss reads half the rollouts
+    def second_better(batch):
+        return torch.arange(len(batch.texts), dtype=torch.float)
+
+    pcfg.positive_only = True
+    state = ppo.train(ppo.PolicyValue(model, ppo.new_value_head(model)), tok, prompts, second_better, pcfg,
+                      Accelerator(cpu=True), seed=0)
+    assert state.history[0]["trained_share"] == 0.5
+    pcfg.positive_only, pcfg.samples_per_prompt = True, 1
+    with pytest.raises(AlignError, match="ppo.positive_only compares each response with its siblings"):
+        ppo.check_options(pcfg)
 
     # ppo.rm_weight=0: a reward model that does tell responses apart is logged but not optimised
     def by_response(batch):

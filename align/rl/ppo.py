@@ -515,6 +515,8 @@ def score_rollout(policy_value: PolicyValue, batch: Rollout, reward_fn, state: L
     scores = scores + pcfg.rule_weight * rule
     if pcfg.samples_per_prompt > 1:
         scores = against_siblings(scores, pcfg.samples_per_prompt)
+    # which responses the policy loss reads: all, or with ppo.positive_only those at least as good as their siblings
+    trained = (scores >= 0).float() if pcfg.positive_only else torch.ones_like(scores)
     rewards, kl = per_token_rewards(scores, old_logp, ref_logp, mask, state.beta, pcfg.kl_estimator)
     if pcfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
@@ -526,7 +528,7 @@ def score_rollout(policy_value: PolicyValue, batch: Rollout, reward_fn, state: L
                                if per_sequence else None)
     return {
         "old_logp": old_logp, "values": values, "advantages": advantages, "returns": returns,
-        "raw": raw, "all_raw": all_raw, "kl": kl.sum(-1), "rewards": rewards.sum(-1), "rule": rule,
+        "trained": trained, "raw": raw, "all_raw": all_raw, "kl": kl.sum(-1), "rewards": rewards.sum(-1), "rule": rule,
     }
 
 
@@ -550,6 +552,8 @@ def check_options(pcfg) -> None:
         raise AlignError(f"ppo.rule_judge must be keyword or classifier, got {pcfg.rule_judge!r}")
     if pcfg.select_prompts and not pcfg.save_every:
         raise AlignError("ppo.select_prompts picks among checkpoints: set ppo.save_every > 0")
+    if pcfg.positive_only and pcfg.samples_per_prompt < 2:
+        raise AlignError("ppo.positive_only compares each response with its siblings: set ppo.samples_per_prompt >= 2")
     if pcfg.rm_weight < 0 or (pcfg.rm_weight == 0 and not pcfg.rule_weight):
         raise AlignError(f"ppo.rm_weight must be >= 0, and above 0 unless ppo.rule_weight is (got rm_weight "
                          f"{pcfg.rm_weight}, rule_weight {pcfg.rule_weight}): PPO needs a reward")
@@ -625,7 +629,7 @@ def train(policy_value: PolicyValue, tokenizer, prompts: list, reward_fn: Callab
                         logits, values = wrapped(ids[idx], attn[idx], R, pcfg.temperature)
                         logp = logprobs_from_logits(logits, batch.response_ids[idx])
                         pg, pg_stats = policy_loss(logp, data["old_logp"][idx], data["advantages"][idx],
-                                                   mask[idx], pcfg.cliprange)
+                                                   mask[idx] * data["trained"][idx, None], pcfg.cliprange)
                         vf, vf_stats = value_loss(values, data["values"][idx], data["returns"][idx], mask[idx],
                                                   pcfg.cliprange_value)
                         loss = pg + pcfg.vf_coef * vf
@@ -663,6 +667,8 @@ def train(policy_value: PolicyValue, tokenizer, prompts: list, reward_fn: Callab
             "beta": controller.value,
             "response_length": lengths.float().mean().item(),
             "eos_rate": eos_rate,
+            # share of the rollouts the policy loss read (below 1 only with ppo.positive_only)
+            "trained_share": accelerator.gather(data["trained"]).mean().item(),
             # mean rule reward (times ppo.rule_scale): 1 when every rollout behaved as expected, -1 when none did
             **({"rule_mean": accelerator.gather(data["rule"]).mean().item()} if rule_fn is not None else {}),
             **{k: float(v) for k, v in zip(keys, averaged.tolist())},
