@@ -87,8 +87,6 @@ def mine_prompts(cfg, model, tokenizer, rows: list, rule_fn, accelerator, seed: 
     a whole, not the boundary (docs/benchmarks.md, round 12); with as many chances to learn each behaviour, the push
     toward answering and the push toward refusing should cancel where they share a cause. Measured: it did not stop
     the drift toward answering (round 13)."""
-    from accelerate.utils import gather_object
-
     pcfg = cfg.ppo
     if rule_fn is None:
         raise AlignError("ppo.mine_prompts needs prompt rows with an expected behaviour (scope data); plain prompt "
@@ -98,39 +96,51 @@ def mine_prompts(cfg, model, tokenizer, rows: list, rule_fn, accelerator, seed: 
     random.Random(seed).shuffle(pool)
     pool = pool[:pcfg.mine_prompts]
     saved = out / "mined_prompts.jsonl"
-    if cfg.run.resume and saved.exists():  # minutes of sampling, and the same seed would find the same prompts
-        keys = {reward.prompt_key(json.loads(line)["messages"]) for line in saved.read_text().splitlines()}
-        kept = {want: [r for r in pool if reward.prompt_key(r["prompt"]) in keys and r["expected"] == want]
-                for want in ("answer", "refuse")}
-        log.info("ppo mine: %d expected answers and %d expected refusals from %s", len(kept["answer"]),
-                 len(kept["refuse"]), saved)
-        return balanced(kept, rows, len(pool))
-    encoded = ppo.encode_prompts(tokenizer, pool, cfg.trainer.max_length - pcfg.max_new_tokens)
-    mine = [e for e in encoded[accelerator.process_index::accelerator.num_processes] for _ in range(pcfg.mine_samples)]
-    gen = ppo.generation_config(tokenizer, model, pcfg.mine_max_new_tokens, True, pcfg.temperature, pcfg.top_p)
-    started, texts = time.time(), []
-    torch.manual_seed(seed * 1000 + accelerator.process_index)
-    with accelerator.autocast():
-        for i in tqdm(range(0, len(mine), cfg.eval.batch_size), desc="ppo mine", leave=False,
-                      disable=not accelerator.is_main_process):
-            texts += ppo.rollout(model, tokenizer, mine[i:i + cfg.eval.batch_size], gen, ppo.REF).texts
-    verdicts = rule_fn.judge.judge([ppo.last_user(m) for m, _ in mine], texts)
-    wrong: dict = {}
-    for (messages, _), verdict, text in gather_object(list(zip(mine, verdicts, texts))):
-        entry = wrong.setdefault(reward.prompt_key(messages), {"wrong": 0, "samples": []})
-        entry["wrong"] += (verdict == judges.REFUSED) != (distinct[reward.prompt_key(messages)]["expected"] == "refuse")
-        entry["samples"].append(text)
+    resumed = cfg.run.resume and saved.exists()  # minutes of sampling, and the same seed would find the same prompts
+    if resumed:
+        wrong = {reward.prompt_key(row["messages"]): row for row in map(json.loads, saved.read_text().splitlines())}
+    else:
+        started = time.time()
+        wrong = sample_mistakes(cfg, model, tokenizer, pool, distinct, rule_fn.judge, accelerator, seed)
     kept = {want: [r for r in pool if wrong.get(reward.prompt_key(r["prompt"]), {}).get("wrong")
                    and r["expected"] == want] for want in ("answer", "refuse")}
-    if accelerator.is_main_process:
+    if resumed:
+        log.info("ppo mine: %d expected answers and %d expected refusals from %s", len(kept["answer"]),
+                 len(kept["refuse"]), saved)
+    elif accelerator.is_main_process:
         log.info("ppo mine: %d prompts x %d samples of %d tokens in %.0fs; SFT got %d expected answers and %d "
-                 "expected refusals wrong at least once", len(encoded), pcfg.mine_samples, pcfg.mine_max_new_tokens,
+                 "expected refusals wrong at least once", len(pool), pcfg.mine_samples, pcfg.mine_max_new_tokens,
                  time.time() - started, len(kept["answer"]), len(kept["refuse"]))
         saved.write_text("".join(
             json.dumps({"prompt": ppo.last_user(r["prompt"]), "expected": r["expected"],
                         **wrong[reward.prompt_key(r["prompt"])], "messages": r["prompt"]}) + "\n"
             for r in kept["answer"] + kept["refuse"]))
-    return balanced(kept, rows, len(encoded))
+    return balanced(kept, rows, len(pool))
+
+
+def sample_mistakes(cfg, model, tokenizer, pool: list, distinct: dict, judge, accelerator, seed: int) -> dict:
+    """prompt key -> {"wrong": how many of the SFT adapter's sampled answers the judge found wrong, "samples"}, over
+    all processes (each samples its share of the pool)."""
+    from accelerate.utils import gather_object
+
+    pcfg = cfg.ppo
+    encoded = ppo.encode_prompts(tokenizer, pool, cfg.trainer.max_length - pcfg.max_new_tokens)
+    mine = [e for e in encoded[accelerator.process_index::accelerator.num_processes] for _ in range(pcfg.mine_samples)]
+    gen = ppo.generation_config(tokenizer, model, pcfg.mine_max_new_tokens, True, pcfg.temperature, pcfg.top_p)
+    texts = []
+    torch.manual_seed(seed * 1000 + accelerator.process_index)
+    with accelerator.autocast():
+        for i in tqdm(range(0, len(mine), cfg.eval.batch_size), desc="ppo mine", leave=False,
+                      disable=not accelerator.is_main_process):
+            texts += ppo.rollout(model, tokenizer, mine[i:i + cfg.eval.batch_size], gen, ppo.REF).texts
+    verdicts = judge.judge([ppo.last_user(m) for m, _ in mine], texts)
+    wrong: dict = {}
+    mine_results = [(reward.prompt_key(m), v, t) for (m, _), v, t in zip(mine, verdicts, texts)]
+    for key, verdict, text in gather_object(mine_results):
+        entry = wrong.setdefault(key, {"wrong": 0, "samples": []})
+        entry["wrong"] += (verdict == judges.REFUSED) != (distinct[key]["expected"] == "refuse")
+        entry["samples"].append(text)
+    return wrong
 
 
 def balanced(kept: dict, rows: list, n_mined: int) -> list:
