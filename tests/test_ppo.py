@@ -413,6 +413,7 @@ def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir):
     finished_parents(tmp_path / "plain", adapters_dir)  # plain prompts: nothing says which behaviour is a mistake
     with pytest.raises(AlignError, match="ppo.mine_prompts needs prompt rows with an expected behaviour"):
         run_stage(tmp_path / "plain", *PPO_FAST, "ppo.mine_prompts=4")
+    assert not (tmp_path / "plain" / "t" / "ppo").exists()  # refused before the stage folder was made
     # every scope prompt expects a behaviour, so each of the 4 rollouts scores +-1 (refuse) or +-0.5 (answer)
     assert all(h["rule_mean"] * 8 == round(h["rule_mean"] * 8) and abs(h["rule_mean"]) <= 1 for h in history)
     assert -1 <= m["eval/rule_sft"] <= 1 and -1 <= m["eval/rule_ppo"] <= 1

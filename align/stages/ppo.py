@@ -88,9 +88,6 @@ def mine_prompts(cfg, model, tokenizer, rows: list, rule_fn, accelerator, seed: 
     toward answering and the push toward refusing should cancel where they share a cause. Measured: it did not stop
     the drift toward answering (round 13)."""
     pcfg = cfg.ppo
-    if rule_fn is None:
-        raise AlignError("ppo.mine_prompts needs prompt rows with an expected behaviour (scope data); plain prompt "
-                         "rows have none: set ppo.mine_prompts=0")
     distinct = {reward.prompt_key(r["prompt"]): r for r in rows if r.get("expected") in ("answer", "refuse")}
     pool = [distinct[k] for k in sorted(distinct)]
     random.Random(seed).shuffle(pool)
@@ -173,11 +170,14 @@ def run(cfg) -> dict:
     main = accelerator.is_main_process
     sft_dir = runs.adapter_of(same_base(cfg, runs.find_parent(cfg, ("sft",), cfg.stage.init_from, needed_by="ppo")))
     rm_dir = runs.adapter_of(same_base(cfg, runs.find_parent(cfg, ("rm",), None, needed_by="ppo")))
-    out = runs.prepare(cfg, "ppo", main_process=main)
-    accelerator.wait_for_everyone()
     tokenizer = models.load_tokenizer(cfg.model)
     train_rows, eval_rows = recipes.load(cfg, "prompt", tokenizer)
     rule_fn = rule_reward(cfg, train_rows + eval_rows)
+    if cfg.ppo.mine_prompts and rule_fn is None:  # before the stage folder exists
+        raise AlignError("ppo.mine_prompts needs prompt rows with an expected behaviour (scope data); plain prompt "
+                         "rows have none: set ppo.mine_prompts=0")
+    out = runs.prepare(cfg, "ppo", main_process=main)
+    accelerator.wait_for_everyone()
     select_judge = (rule_fn.judge if rule_fn is not None else judges.make_judge(cfg.ppo.rule_judge)) \
         if select_rows else None
     if main:
