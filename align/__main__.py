@@ -50,7 +50,10 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, MissingConfigException) and exc.options is not None:
         group = (exc.missing_cfg_file or "").rsplit("/", 1)[0]
         bad = (exc.missing_cfg_file or "").rsplit("/", 1)[-1]
-        return f"unknown option {bad!r} for {group}=; valid choices: {', '.join(exc.options)}"
+        from align.userconf import config_folders
+
+        return (f"unknown option {bad!r} for {group}=; valid choices: {', '.join(exc.options)} "
+                f"(looked in {', '.join(f'{d}/{group}' for d in config_folders())})")
     cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
     if isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", None)
@@ -84,6 +87,9 @@ def main() -> None:
     full_error = _FULL_ERROR
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us so we can print them in one line
     register()
+    from align.userconf import with_data_scope
+
+    sys.argv[1:] = with_data_scope(sys.argv[1:])
     try:
         _app()
     except AlignError as exc:

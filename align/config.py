@@ -89,6 +89,7 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     recipe: str = "instructions"
+    scope: Optional[str] = None
     sources: List[SourceConfig] = field(default_factory=list)
     filters: List[Dict[str, Any]] = field(default_factory=list)
     train_files: List[str] = field(default_factory=list)
@@ -111,7 +112,6 @@ class ScopeConfig:
     name: str = "none"
     system_prompt: Optional[str] = None
     capability: str = ""
-    in_scope: List[str] = field(default_factory=list)
     refusal_templates: List[str] = field(default_factory=list)
     unsafe_templates: List[str] = field(default_factory=list)
     crisis_templates: List[str] = field(default_factory=list)
@@ -285,7 +285,10 @@ class AlignConfig:
 
 
 def register() -> None:
+    from align.userconf import register_plugin
+
     ConfigStore.instance().store(name="align_schema", node=AlignConfig)
+    register_plugin()
 
 
 def compose(*overrides: str, set_hydra_config: bool = True):
@@ -300,12 +303,37 @@ def compose(*overrides: str, set_hydra_config: bool = True):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
+    from align.userconf import with_data_scope
+
     register()
     GlobalHydra.instance().clear()
     with initialize_config_module("align.conf", version_base="1.3"):
-        cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=set_hydra_config)
+        cfg = hydra_compose("config", overrides=with_data_scope(list(overrides)),
+                            return_hydra_config=set_hydra_config)
     if set_hydra_config:
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):
             del cfg["hydra"]
     return cfg
+
+
+def stage_view(stage: str):
+    """The config `python -m align stage=<stage>` would compose with this process's command-line overrides (the data
+    stage reports the SFT stage's length budget). Inside a Hydra app it reuses the app's config search path."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from align.userconf import with_data_scope
+
+    try:
+        task = list(HydraConfig.get().overrides.task)
+    except ValueError:  # composed outside an app without its Hydra config: the defaults
+        task = []
+    overrides = with_data_scope([o for o in task if not o.startswith("stage=")] + [f"stage={stage}"])
+    register()
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose("config", overrides=overrides)
+    with initialize_config_module("align.conf", version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)

@@ -22,7 +22,7 @@ from align.evaluation.judges import REFUSED, make_judge
 from align.generation import chat_generate, scope_conversations
 from align.rl import ppo, reward
 
-DEV = "data_recipes/tax_assistant/dev.jsonl,data_recipes/tax_assistant/dev_b.jsonl"
+DEV = "shipped:tax_assistant/dev.jsonl,shipped:tax_assistant/dev_b.jsonl"
 
 
 def main(argv: list[str]) -> None:

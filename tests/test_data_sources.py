@@ -198,14 +198,29 @@ def test_csv_with_adapter(tmp_path):
                                                                   ("refuse", "unsafe/contrast_homonyms")]
 
 
-def test_relative_paths_resolve_against_the_repo_root(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # not the repo: falls back to the repo root
-    out = sources.load_source(SourceConfig(name="i", path="data_recipes/instructions/train.jsonl", kind="sft"))
+def test_relative_paths_resolve_against_the_cwd_and_shipped_files_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a user's folder: relative paths are theirs, the package's files go by shipped:
+    with pytest.raises(AlignError, match=r"file 'data_recipes/instructions/train.jsonl' not found \(relative paths "
+                                         r"are read from the current directory"):
+        sources.load_source(SourceConfig(name="i", path="data_recipes/instructions/train.jsonl", kind="sft"))
+    out = sources.load_source(SourceConfig(name="i", path="shipped:instructions/train.jsonl", kind="sft"))
     assert out.read == 40 and len(out.rows) == 40
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "rows.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    assert len(sources.load_source(SourceConfig(name="m", path="mine/rows.jsonl", kind="sft")).rows) == 1
+    with pytest.raises(AlignError, match=r"'shipped:nope/x.jsonl' is not a file the package ships"):
+        sources.load_source(SourceConfig(name="s", path="shipped:nope/x.jsonl", kind="sft"))
+
+
+def test_a_path_that_looks_like_a_file_is_never_a_hub_lookup():
+    # a suffix-less path with folders: "file not found" at once, not half a minute of hub retries
+    for path in ("data/cooking/answers", "./answers", "shipped:x"):
+        assert sources.is_local(path), path
+    assert not sources.is_local("HuggingFaceH4/no_robots")
 
 
 def test_missing_file_is_one_line():
-    with pytest.raises(AlignError, match=r"data source 'm': file 'nope/missing.jsonl' not found \(looked in "):
+    with pytest.raises(AlignError, match=r"data source 'm': file 'nope/missing.jsonl' not found \(relative paths"):
         sources.load_source(SourceConfig(name="m", path="nope/missing.jsonl", kind="sft"))
 
 

@@ -20,7 +20,7 @@ def test_wheel_ships_configs_and_data_and_composes(tmp_path):
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
     code = ("from align.data.sources import resolve, shipped; from align.evaluation.judges import JUDGE_DATA; "
-            "import align; print(align.__file__); print(resolve('data_recipes/tax_assistant/off_scope.jsonl')); "
+            "import align; print(align.__file__); print(resolve('shipped:tax_assistant/off_scope.jsonl')); "
             "print(JUDGE_DATA)")
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)

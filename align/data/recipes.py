@@ -453,6 +453,11 @@ def build(cfg, tokenizer=None) -> Built:
     if cfg.data.over_refusal_topic not in ("own", "off_scope", "mixed"):
         raise AlignError(f"data.over_refusal_topic must be own, off_scope or mixed, "
                          f"got {cfg.data.over_refusal_topic!r}")
+    if cfg.data.scope and cfg.data.scope != cfg.scope.name:
+        raise AlignError(f"data recipe '{cfg.data.recipe}' is written for scope '{cfg.data.scope}', but scope="
+                         f"{cfg.scope.name} is composed: pass scope={cfg.data.scope} (or drop scope=), or set "
+                         f"data.scope=null to build it under any scope")
+    scope_mod.check_templates(cfg.scope)
     if not 0 <= cfg.data.eval_fraction < 1:
         raise AlignError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
     srcs = source_configs(cfg)

@@ -16,6 +16,8 @@ otherwise it is in scope, and it teaches an answer only when it carries a respon
 import random
 import re
 
+from align import AlignError
+
 DEFAULT_CAPABILITY = "other questions"
 DEFAULT_REFUSALS = (
     "I'm sorry, but I can't help with {topic}. I can help with {capability}, though.",
@@ -72,6 +74,26 @@ class _Keep(dict):
 def _get(scope, key, default=None):
     value = getattr(scope, key, None) if scope is not None else None
     return value if value else default
+
+
+TEMPLATE_KEYS = ("refusal_templates", "unsafe_templates", "crisis_templates")
+PLACEHOLDERS = ("topic", "capability")
+
+
+def check_templates(scope) -> None:
+    """A placeholder typo ({capabilty}) would become literal text in every training target: refuse it in one line."""
+    import string
+
+    for key in TEMPLATE_KEYS:
+        for i, template in enumerate(_get(scope, key, []) or []):
+            try:
+                fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+            except ValueError as e:
+                raise AlignError(f"scope.{key}[{i}]: {e} in {template[:60]!r}") from None
+            bad = [f for f in fields if f not in PLACEHOLDERS]
+            if bad:
+                raise AlignError(f"scope.{key}[{i}]: unknown placeholder {{{bad[0]}}} in {template[:60]!r}; "
+                                 f"valid: {{topic}}, {{capability}}")
 
 
 def is_refuse(row: dict) -> bool:

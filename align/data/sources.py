@@ -48,15 +48,19 @@ class _Bad:
 
 # --- paths and raw records ----------------------------------------------------------------------
 
+SHIPPED = "shipped:"  # shipped:tax_assistant/off_scope.jsonl names a file the package ships, from a wheel or a clone
+
+
 def resolve(path: str) -> Path | None:
-    """A local file: absolute, or relative to the cwd, then to the repo root (the parent of `align/`)."""
-    p = Path(path).expanduser()
-    if p.is_absolute():
+    """A local file: `shipped:<recipe>/<file>` (data_recipes/ inside the package), absolute, or relative to the
+    current directory (a user's folder is their project; nothing is looked up in the package by a relative path)."""
+    if path.startswith(SHIPPED):
+        p = shipped(path[len(SHIPPED):])
         return p if p.is_file() else None
-    for base in (Path.cwd(), REPO_ROOT, PACKAGE_DIR):
-        if (base / p).is_file():
-            return base / p
-    return None
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        p = Path.cwd() / p
+    return p if p.is_file() else None
 
 
 def shipped(relative: str) -> Path:
@@ -68,7 +72,16 @@ def shipped(relative: str) -> Path:
 
 
 def is_local(path: str) -> bool:
-    return resolve(path) is not None or path.lower().endswith(DATA_SUFFIXES) or path.startswith(("/", ".", "~"))
+    """A path that names a file (so a missing one is "file not found", never a hub lookup): shipped:, absolute or
+    home-relative, ./ or ../, a data suffix, or any path with a folder in it (hub ids are owner/name, no suffix)."""
+    return (resolve(path) is not None or path.startswith((SHIPPED, "/", ".", "~"))
+            or Path(path).suffix.lower() in DATA_SUFFIXES or "\\" in path or path.count("/") >= 2)
+
+
+def describe_missing(path: str) -> str:
+    if path.startswith(SHIPPED):
+        return f"{path!r} is not a file the package ships (see data_recipes/ in the repo: shipped:<recipe>/<file>)"
+    return f"file {path!r} not found (relative paths are read from the current directory, {Path.cwd()})"
 
 
 def read_file(path: Path) -> Iterator[tuple[str, object]]:
@@ -405,8 +418,7 @@ def load_source(src, on_bad_rows: str = "error") -> Loaded:
     if path is not None:
         records = read_file(path)
     elif is_local(src.path):
-        where = sorted({str(Path.cwd()), str(REPO_ROOT)})
-        raise AlignError(f"data source '{src.name}': file {src.path!r} not found (looked in {' and '.join(where)})")
+        raise AlignError(f"data source '{src.name}': {describe_missing(src.path)}")
     else:
         records = read_hub(src)
     adapter = ADAPTERS[src.adapter] if src.adapter else None

@@ -1,0 +1,91 @@
+"""A user's folder is a project: `conf/` in the current directory is read ahead of the packaged configs.
+
+A Hydra search-path plugin (`UserConf`, registered by `config.register()`, which every entry point calls) puts that
+folder first, so a file there adds an option to any group (scope=, data=, model=, ...) or replaces a shipped one.
+It is registered by hand rather than through the `hydra_plugins` namespace package because editable installs hide
+namespace packages from Hydra's scan. The CLI's error for an unknown option names the folders (`config_folders`).
+"""
+
+from pathlib import Path
+
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+PACKAGE_CONF = Path(__file__).resolve().parent / "conf"  # an installed wheel ships the configs inside align/
+
+
+def packaged_conf_dir() -> Path:
+    """The shipped configs: align/conf in a wheel, the repo's conf/ in a source checkout."""
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("align.conf")))
+    except (ModuleNotFoundError, TypeError):
+        return PACKAGE_CONF
+
+
+def user_conf_dir() -> Path | None:
+    """./conf when it exists and is not the packaged configs themselves (a clone run from its root)."""
+    folder = Path.cwd() / "conf"
+    if not folder.is_dir():
+        return None
+    try:
+        if folder.resolve() == packaged_conf_dir().resolve():
+            return None
+    except OSError:
+        pass
+    return folder.resolve()
+
+
+def config_folders() -> list[str]:
+    """Where `python -m align` looks for config groups, first match wins."""
+    user = user_conf_dir()
+    return ([str(user)] if user else []) + [str(packaged_conf_dir())]
+
+
+class UserConf(SearchPathPlugin):
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        # only search paths that hold align's packaged configs: other Hydra apps in the process keep theirs
+        if not any(e.path == "pkg://align.conf" for e in search_path.get_path()):
+            return
+        folder = user_conf_dir()
+        if folder is not None:
+            search_path.prepend(provider="align-user", path=f"file://{folder}")
+
+
+def register_plugin() -> None:
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance().register(UserConf)
+
+
+def find_option(group: str, option: str) -> Path | None:
+    """The file `group=option` composes, first match in config_folders()."""
+    for folder in config_folders():
+        path = Path(folder) / group / f"{option}.yaml"
+        if path.is_file():
+            return path
+    return None
+
+
+def with_data_scope(overrides: list[str]) -> list[str]:
+    """`data=<name>` brings its scope with it: when no scope= is given and the recipe file names one
+    (`scope: <name>`), scope=<name> is added. A sweep over data= (a comma) is left alone: each job's build then
+    checks that its scope matches in one line."""
+    def value(key):
+        hits = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").split("=", 1)[0] == key]
+        return hits[-1] if hits else None
+
+    data = value("data")
+    if data is None or value("scope") is not None or "," in data:
+        return list(overrides)
+    path = find_option("data", data)
+    if path is None:
+        return list(overrides)  # Hydra reports the unknown option, with the folders it looked in
+    import yaml
+
+    try:
+        scope = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("scope")
+    except (yaml.YAMLError, AttributeError):
+        return list(overrides)  # Hydra reports the broken file
+    return list(overrides) + [f"scope={scope}"] if isinstance(scope, str) and scope else list(overrides)
