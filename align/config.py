@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-STAGES = ("data", "sft", "rm", "dpo", "kto", "ppo", "grpo", "safety_eval", "generate", "export", "pipeline")
+STAGES = ("data", "sft", "rm", "dpo", "kto", "ppo", "grpo", "safety_eval", "generate", "export", "pipeline", "new")
 
 
 @dataclass
