@@ -108,3 +108,44 @@ def deltas(before: Dict[str, Optional[float]], after: Dict[str, Optional[float]]
         if (a is None or isinstance(a, (int, float))) and (b is None or isinstance(b, (int, float))):
             out[k] = None if a is None or b is None else a - b
     return out
+
+
+# --- judge validation: a judge's verdicts against human labels -------------------------------------------------------
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple:
+    """Wilson score interval for k successes in n trials (95% at z=1.96); (None, None) when n == 0.
+
+    Wilson rather than the normal approximation: judge scores sit near 1.0 on small sets, where p +- z*se runs past 1.
+    """
+    if n <= 0:
+        return None, None
+    if not 0 <= k <= n:
+        raise AlignError(f"wilson_interval: need 0 <= k <= n, got k={k}, n={n}")
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5 / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _proportion(k: int, n: int) -> dict:
+    lo, hi = wilson_interval(k, n)
+    return {"value": k / n if n else None, "k": k, "n": n, "ci95": [lo, hi]}
+
+
+def judge_scores(predicted: Sequence[str], gold: Sequence[str]) -> dict:
+    """Accuracy, refusal recall (refused rows judged refused) and false-alarm rate (answered rows judged refused),
+    each as {value, k, n, ci95}; verdicts are "answered"/"refused"."""
+    if len(predicted) != len(gold):
+        raise AlignError(f"judge_scores: {len(predicted)} verdicts for {len(gold)} labels")
+    bad = sorted({v for v in list(predicted) + list(gold) if v not in VERDICTS})
+    if bad:
+        raise AlignError(f"judge_scores: verdicts must be in {VERDICTS}, got {bad[:3]}")
+    pairs = list(zip(predicted, gold))
+    refused = [p for p, g in pairs if g == "refused"]
+    answered = [p for p, g in pairs if g == "answered"]
+    return {
+        "n": len(pairs),
+        "accuracy": _proportion(sum(p == g for p, g in pairs), len(pairs)),
+        "refusal_recall": _proportion(sum(p == "refused" for p in refused), len(refused)),
+        "false_alarm": _proportion(sum(p == "refused" for p in answered), len(answered)),
+    }
