@@ -116,6 +116,8 @@ class ScopeConfig:
     unsafe_templates: List[str] = field(default_factory=list)
     crisis_templates: List[str] = field(default_factory=list)
     topic_names: Dict[str, str] = field(default_factory=dict)
+    in_scope_categories: List[str] = field(default_factory=list)
+    category_templates: Dict[str, List[str]] = field(default_factory=dict)
 
 
 @dataclass

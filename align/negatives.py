@@ -34,10 +34,10 @@ def policy_negatives(cfg, model, tokenizer, pairs: list) -> tuple[list, dict]:
     already what a policy trained on those templates says, so both sides push on the policy's own behaviour.
     data.chosen_source=policy: the in-scope pairs' chosen side becomes the policy's own greedy answer where it
     answers (scope.with_policy_chosen). Returns (pairs, {metric: number of pairs swapped})."""
-    from align.data.scope import with_policy_chosen, with_policy_rejected
+    from align.data.scope import refusal_openers as scope_openers, with_policy_chosen, with_policy_rejected
     from align.evaluation.judges import REFUSED, make_judge
 
-    judge = make_judge("keyword")
+    judge = make_judge("keyword", refusal_openers=scope_openers(cfg.scope))
     suppress = refusal_openers(cfg, tokenizer)
 
     def write(prompts: list[list[dict]], barred: list[int] | None, desc: str) -> list[str]:

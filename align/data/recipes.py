@@ -23,14 +23,15 @@ from omegaconf import OmegaConf
 
 from align import AlignError
 from align.config import SourceConfig
-from align.data import formats, scope as scope_mod, sources
+from align.data import formats, scope as scope_mod, scoped, sources
 
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("sft_train", "sft_eval", "pref_train", "pref_eval", "prompts_train", "prompts_eval", "scope_eval")
 KIND_OUTPUTS = {"sft": ("sft_train", "sft_eval"), "preference": ("pref_train", "pref_eval"),
                 "prompt": ("prompts_train", "prompts_eval"), "scope_eval": (None, "scope_eval")}
-BUILD_OPTIONS = ("to_sft",)  # per-source build options (besides the loader's and the adapter's)
+# per-source build options (besides the loader's and the adapter's): to_sft, and the scope card's pool and attack options
+BUILD_OPTIONS = ("to_sft", *scoped.POOL_OPTIONS, *scoped.COMPOSE_OPTIONS)
 
 
 @dataclass
@@ -341,6 +342,40 @@ def filter_specs(cfg) -> list:
 
 # --- the build ---------------------------------------------------------------------------------
 
+def _apply_card(srcs: list, rows: dict, stats: dict) -> None:
+    """Pool options: drop the categories the card claims (drop_categories) and rows near in-scope prompts (near)."""
+    for src in srcs:
+        opts = src.options
+        if "drop_categories" in opts:
+            rows[src.name], n = scoped.drop_claimed(rows[src.name], opts["drop_categories"])
+            stats[src.name]["dropped"]["card"] = n
+        if "near" in opts and src.path != scoped.COMPOSE:
+            refs = [formats.prompt_text(r, "safety") for r in rows[_named(opts["near"], rows, src)]]
+            rows[src.name], n = scoped.drop_near(rows[src.name], refs, opts.get("near_threshold",
+                                                                                 scoped.NEAR_THRESHOLD))
+            stats[src.name]["dropped"]["near_in_scope"] = n
+
+
+def _named(name: str, rows: dict, src: SourceConfig) -> str:
+    if name not in rows:
+        raise AlignError(f"data source '{src.name}': options names source {name!r}, which is not a loaded source "
+                         f"of this recipe ({', '.join(rows)})")
+    return name
+
+
+def _compose_attacks(src: SourceConfig, rows: dict, seed: int) -> list:
+    """Attack rows wrapping the refuse rows of options.wrap in the templates of options.templates (train/eval)."""
+    opts = src.options
+    if src.count is None or src.count < 1:
+        raise AlignError(f"data source '{src.name}': compose:attacks needs count >= 1 (how many attacks to compose)")
+    wrap = opts.get("wrap") or []
+    pool = [r for name in wrap for r in rows[_named(name, rows, src)]]
+    inner = [formats.prompt_text(r, "safety") for r in rows[_named(opts["near"], rows, src)]] if "near" in opts else []
+    tmpls = scoped.templates(opts.get("templates", src.split if src.split != "rl" else "train"), seed,
+                             opts.get("template_eval_fraction", 0.25), opts.get("max_words"))
+    return scoped.compose(pool, tmpls, src.count, random.Random(f"{seed}:attacks:{src.name}"), inner)
+
+
 def _new_stats(src: SourceConfig, loaded) -> dict:
     return {"source": src.name, "split": src.split, "kind": src.kind, "read": loaded.read, "bad": loaded.bad,
             "unmapped": loaded.unmapped, "rows": len(loaded.rows), "dropped": {}, "added": {}, "resampled": 0,
@@ -465,11 +500,19 @@ def build(cfg, tokenizer=None) -> Built:
     for src in srcs:
         sources.check_source(_loader_view(src))
     seed = int(cfg.seed)
-    stats, parts = {}, {"train": [], "eval": [], "rl": []}
+    stats, rows = {}, {}
     for src in srcs:
-        loaded = sources.load_source(_loader_view(src), cfg.data.on_bad_rows)
-        stats[src.name] = _new_stats(src, loaded)
-        parts[src.split] += [Item(row, src.kind, src.name, src.split) for row in loaded.rows]
+        if src.path != scoped.COMPOSE:
+            loaded = sources.load_source(_loader_view(src), cfg.data.on_bad_rows)
+            stats[src.name], rows[src.name] = _new_stats(src, loaded), loaded.rows
+    _apply_card(srcs, rows, stats)
+    for src in srcs:
+        if src.path == scoped.COMPOSE:
+            rows[src.name] = _compose_attacks(src, rows, seed)
+            stats[src.name] = _new_stats(src, sources.Loaded(rows=rows[src.name], read=len(rows[src.name])))
+    parts = {"train": [], "eval": [], "rl": []}
+    for src in srcs:
+        parts[src.split] += [Item(row, src.kind, src.name, src.split) for row in rows[src.name]]
     train, evals, rl = parts["train"], parts["eval"], parts["rl"]
 
     ctx = Ctx(seed, tokenizer, cfg.data.target_size, cfg.data.balance_cap)

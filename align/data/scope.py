@@ -84,8 +84,10 @@ def check_templates(scope) -> None:
     """A placeholder typo ({capabilty}) would become literal text in every training target: refuse it in one line."""
     import string
 
-    for key in TEMPLATE_KEYS:
-        for i, template in enumerate(_get(scope, key, []) or []):
+    lists = [(key, _get(scope, key, []) or []) for key in TEMPLATE_KEYS]
+    lists += [(f"category_templates.{c}", t) for c, t in dict(_get(scope, "category_templates", {}) or {}).items()]
+    for key, templates in lists:
+        for i, template in enumerate(templates):
             try:
                 fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
             except ValueError as e:
@@ -94,6 +96,16 @@ def check_templates(scope) -> None:
             if bad:
                 raise AlignError(f"scope.{key}[{i}]: unknown placeholder {{{bad[0]}}} in {template[:60]!r}; "
                                  f"valid: {{topic}}, {{capability}}")
+
+
+def refusal_openers(scope) -> list[str]:
+    """The scope's own refusal openers ("Sorry, I can only help with"), from its templates (or the defaults), so a
+    judge recognises refusals in this scope's wording."""
+    from align.evaluation.keyword_judge import openers_from_templates
+
+    return openers_from_templates([*_get(scope, "refusal_templates", DEFAULT_REFUSALS),
+                                   *_get(scope, "unsafe_templates", DEFAULT_UNSAFE),
+                                   *_get(scope, "crisis_templates", DEFAULT_CRISIS)])
 
 
 def is_refuse(row: dict) -> bool:
@@ -131,7 +143,8 @@ def refusal(row: dict, scope, rng: random.Random) -> str:
     pools = {"crisis": ("crisis_templates", DEFAULT_CRISIS), "unsafe": ("unsafe_templates", DEFAULT_UNSAFE),
              "refusal": ("refusal_templates", DEFAULT_REFUSALS)}
     key, default = pools[group]
-    templates = list(_get(scope, key, default))
+    own = dict(_get(scope, "category_templates", {}) or {})  # per-category replies, e.g. unsafe/weapons
+    templates = list(own.get(cats[0]) or _get(scope, key, default))
     return _fill(rng.choice(templates), topic_of(cats[0], scope), scope)
 
 

@@ -384,6 +384,17 @@ ADAPTERS = {
 }
 
 
+def _pyrit_harm():
+    from align.data import pyrit
+
+    for i, row in enumerate(pyrit.harm_prompts(), 1):
+        yield f"pyrit:harm:row {i}", row
+
+
+# sources the package makes from public data it fetches (pyrit==1.1.0's wheel, MIT): no file, no hub
+GENERATED = {"pyrit:harm": _pyrit_harm}
+
+
 # --- loading one source -------------------------------------------------------------------------
 
 def check_source(src) -> None:
@@ -415,7 +426,9 @@ def load_source(src, on_bad_rows: str = "error") -> Loaded:
         raise AlignError(f"data.on_bad_rows must be error or skip, got {on_bad_rows!r}")
     check_source(src)
     path = resolve(src.path)
-    if path is not None:
+    if src.path in GENERATED:
+        records = GENERATED[src.path]()
+    elif path is not None:
         records = read_file(path)
     elif is_local(src.path):
         raise AlignError(f"data source '{src.name}': {describe_missing(src.path)}")

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from align import AlignError, adapters, models, runs, tracking
 from align.data import recipes, sources
+from align.data.scope import refusal_openers as scope_openers
 from align.evaluation import judges, metrics as scope_metrics
 from align.generation import scope_conversations
 from align.rl import ppo, reward
@@ -58,7 +59,8 @@ def rule_reward(cfg, rows: list):
     reward with weight ppo.rule_weight, and logged as rule_mean even at weight 0."""
     if not cfg.ppo.rule_weight and not any(r.get("expected") for r in rows):
         return None
-    return reward.RuleReward(judges.make_judge(cfg.ppo.rule_judge), rows, dict(cfg.ppo.rule_scale))
+    judge = judges.make_judge(cfg.ppo.rule_judge, refusal_openers=scope_openers(cfg.scope))
+    return reward.RuleReward(judge, rows, dict(cfg.ppo.rule_scale))
 
 
 def score_policy(cfg, model, tokenizer, rows: list, judge, accelerator, adapter: str = ppo.POLICY) -> dict:
@@ -178,7 +180,7 @@ def run(cfg) -> dict:
                          "rows have none: set ppo.mine_prompts=0")
     out = runs.prepare(cfg, "ppo", main_process=main)
     accelerator.wait_for_everyone()
-    select_judge = (rule_fn.judge if rule_fn is not None else judges.make_judge(cfg.ppo.rule_judge)) \
+    select_judge = (rule_fn.judge if rule_fn is not None else judges.make_judge(cfg.ppo.rule_judge, refusal_openers=scope_openers(cfg.scope))) \
         if select_rows else None
     if main:
         log.info("ppo: %d train prompts, %d eval prompts; policy %s, reward %s", len(train_rows), len(eval_rows),

@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from align import AlignError, models, runs, tracking
-from align.data import recipes, sources
+from align.data import recipes, scope as scope_mod, sources
 from align.evaluation import judges, metrics, report
 from align.generation import chat_generate, scope_conversations
 
@@ -60,10 +60,11 @@ def find_adapter(cfg) -> Path | None:
 
 
 def make_judge(cfg):
+    openers = scope_mod.refusal_openers(cfg.scope)  # a refusal in this scope's own wording is a refusal
     if cfg.eval.judge != "llm":
-        return judges.make_judge(cfg.eval.judge)
+        return judges.make_judge(cfg.eval.judge, refusal_openers=openers)
     if cfg.eval.judge_model:
-        return judges.make_judge("llm", model_name_or_path=cfg.eval.judge_model)
+        return judges.make_judge("llm", model_name_or_path=cfg.eval.judge_model, refusal_openers=openers)
     raise AlignError("eval.judge=llm needs eval.judge_model=<hub id or folder> (a chat model to act as judge)")
 
 
