@@ -105,6 +105,8 @@ class DataConfig:
     target_size: Optional[int] = None
     reuse_built: bool = True
     max_rows: Optional[int] = None
+    teacher: Optional[str] = None
+    teacher_max_new_tokens: int = 64
 
 
 @dataclass

@@ -155,3 +155,45 @@ def test_per_category_replies_fall_back_to_the_group_lists():
     card.category_templates["unsafe/drugs"] = ["Sorry, {capabilty}"]
     with pytest.raises(AlignError, match=r"scope.category_templates.unsafe/drugs\[0\]: unknown placeholder"):
         scope_mod.check_templates(card)
+
+
+def test_teacher_answers_questions_and_drops_refusals_and_cut_answers():
+    from align.data import teacher
+
+    rows = [{"prompt": "q1", "label": "safe", "categories": ["f/a"]},
+            {"prompt": "q2", "label": "safe", "categories": ["f/a"]},
+            {"prompt": "q3", "label": "safe", "categories": ["f/a"]},
+            {"prompt": "q4", "response": "mine", "label": "safe", "categories": ["f/a"]},
+            {"prompt": "q5", "label": "unsafe", "categories": ["unsafe/x"]}]
+    replies = {"q1": "Lift twice a week.", "q2": "Sorry, I can only help with fitness.", "q3": "word " * 30}
+    asked = []
+
+    def generate(prompts):
+        asked.extend(prompts)
+        return [replies[p] for p in prompts]
+
+    out = teacher.teach(rows, generate, lambda t: len(t.split()), lambda p, a: a.startswith("Sorry"), 20)
+    assert asked == ["q1", "q2", "q3"]  # rows with an answer and refuse rows are not sent
+    assert (out.refused, out.cut) == (1, 1)
+    assert [(r["prompt"], r.get("response")) for r in out.rows] == [("q1", "Lift twice a week."), ("q4", "mine"),
+                                                                    ("q5", None)]
+
+
+def test_teacher_in_a_build_on_the_tiny_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "q.jsonl", [{"prompt": p, "label": "safe", "categories": ["f/a"]}
+                                       for p in ("How do I squat?", "What is a deload week?", "Is Zone 2 useful?")])
+    write_jsonl(tmp_path / "r.jsonl", [{"prompt": "Who won in 1998?", "expected": "refuse",
+                                        "category": "off_scope/sports"}])
+    cfg = recipe_cfg(tmp_path, [{"name": "q", "path": "q.jsonl", "kind": "safety"},
+                                {"name": "r", "path": "r.jsonl", "kind": "scope_eval"}])
+    base = compose(tmp_path, "model=tiny")
+    cfg.model, cfg.eval = base.model, base.eval
+    cfg.data.teacher, cfg.data.teacher_max_new_tokens = "base", 6
+    built = recipes.build(cfg)
+    q = next(s for s in built.stats if s["source"] == "q")
+    answered = [r for r in built.sft_train if r["source"] == "q"]
+    assert len(answered) + q["dropped"]["teacher_refused"] + q["dropped"]["teacher_cut"] == 3
+    assert all(r["messages"][-1]["content"].strip() for r in answered)
+    cfg.data.teacher = None  # without a teacher the questions stay prompt-only rows
+    assert not [r for r in recipes.build(cfg).sft_train if r["source"] == "q"]

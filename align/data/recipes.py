@@ -118,6 +118,8 @@ def config_fingerprint(cfg) -> str:
         if path is not None:
             files[src.path] = _file_digest(path)
     tokenizer = cfg.model.name_or_path if needs_tokenizer(cfg) else None
+    if cfg.data.teacher == "base":  # the teacher's answers are part of the build
+        data["teacher"] = cfg.model.name_or_path
     blob = {"data": data, "scope": _plain(cfg.scope), "seed": cfg.seed, "files": files, "tokenizer": tokenizer}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -356,6 +358,33 @@ def _apply_card(srcs: list, rows: dict, stats: dict) -> None:
             stats[src.name]["dropped"]["near_in_scope"] = n
 
 
+def _teach(cfg, srcs: list, rows: dict, stats: dict) -> None:
+    """data.teacher answers the in-scope training rows that came without an answer (teacher.py)."""
+    from align.data import teacher
+    from align.evaluation.judges import REFUSED, make_judge
+
+    todo = [s for s in srcs if s.split == "train" and s.kind == "safety"
+            and any(teacher.needs_answer(r) for r in rows[s.name])]
+    if not todo:
+        return
+    budget = int(cfg.data.teacher_max_new_tokens)
+    generate, tokenizer = teacher.model_generate(cfg, budget)
+    judge = make_judge("keyword", refusal_openers=scope_mod.refusal_openers(cfg.scope))
+
+    def refused(prompt, answer):
+        return judge.judge([prompt], [answer])[0] == REFUSED
+
+    def count(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    for src in todo:
+        taught = teacher.teach(rows[src.name], generate, count, refused, budget)
+        rows[src.name] = taught.rows
+        stats[src.name]["dropped"].update(teacher_refused=taught.refused, teacher_cut=taught.cut)
+        log.info("data.teacher: source '%s': %d answered, %d refusals and %d cut answers dropped", src.name,
+                 sum(1 for r in taught.rows if r.get("response")), taught.refused, taught.cut)
+
+
 def _named(name: str, rows: dict, src: SourceConfig) -> str:
     if name not in rows:
         raise AlignError(f"data source '{src.name}': options names source {name!r}, which is not a loaded source "
@@ -506,6 +535,8 @@ def build(cfg, tokenizer=None) -> Built:
             loaded = sources.load_source(_loader_view(src), cfg.data.on_bad_rows)
             stats[src.name], rows[src.name] = _new_stats(src, loaded), loaded.rows
     _apply_card(srcs, rows, stats)
+    if cfg.data.teacher:
+        _teach(cfg, srcs, rows, stats)
     for src in srcs:
         if src.path == scoped.COMPOSE:
             rows[src.name] = _compose_attacks(src, rows, seed)

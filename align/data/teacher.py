@@ -1,0 +1,81 @@
+"""Answers when the user has only questions: in-scope rows without a response get one from a teacher model.
+
+`data.teacher`: null (off), `base` (the run's base model) or any causal LM (hub id, folder or .gguf). The teacher
+answers under the card's system prompt plus an instruction to be brief. Answers the judge reads as refusals, and
+answers still going at `data.teacher_max_new_tokens` (cut), are dropped and counted: a refusal would teach the model
+to refuse its own subject, and a cut answer trains a sentence that never ends.
+"""
+
+import logging
+from dataclasses import dataclass
+
+from align import AlignError
+
+log = logging.getLogger(__name__)
+
+BRIEF = "Answer briefly, in two or three sentences."
+
+
+@dataclass
+class Taught:
+    rows: list          # every input row; the ones that needed an answer and got a good one now have it
+    refused: int = 0    # rows dropped: the teacher refused
+    cut: int = 0        # rows dropped: the answer did not finish within the token budget
+
+
+def needs_answer(row: dict) -> bool:
+    return row.get("label") == "safe" and not row.get("response")
+
+
+def teach(rows: list, generate_fn, count_tokens, is_refusal, max_new_tokens: int) -> Taught:
+    """generate_fn(prompts) -> answers; count_tokens(text) -> int; is_refusal(prompt, answer) -> bool."""
+    todo = [i for i, r in enumerate(rows) if needs_answer(r)]
+    out = Taught(rows=list(rows))
+    if not todo:
+        return out
+    answers = generate_fn([rows[i]["prompt"] for i in todo])
+    drop = set()
+    for i, text in zip(todo, answers):
+        text = (text or "").strip()
+        if not text or is_refusal(rows[i]["prompt"], text):
+            out.refused += 1
+            drop.add(i)
+        elif count_tokens(text) >= max_new_tokens:
+            out.cut += 1
+            drop.add(i)
+        else:
+            out.rows[i] = {**rows[i], "response": text}
+    out.rows = [r for i, r in enumerate(out.rows) if i not in drop]
+    return out
+
+
+def model_generate(cfg, max_new_tokens: int):
+    """A generate_fn over the teacher model of cfg.data.teacher, plus its tokenizer, loaded once."""
+    from align import models
+    from align.generation import chat_generate, scope_conversations
+
+    name = cfg.data.teacher
+    path = None if name == "base" else models.resolve(name)
+    try:
+        tokenizer = models.load_tokenizer(cfg.model) if path is None else _tokenizer(path, cfg)
+        model = models.load_model(cfg, tokenizer=tokenizer, path=path)
+    except OSError as e:
+        raise AlignError(f"data.teacher: could not load {name!r} ({e})") from None
+    system = " ".join(filter(None, [cfg.scope.system_prompt, BRIEF]))
+
+    def generate(prompts: list[str]) -> list[str]:
+        texts, stats = chat_generate(model, tokenizer, scope_conversations(system, prompts),
+                                     max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size,
+                                     desc="teacher answers", cpu_bf16=models.cpu_autocast(cfg))
+        log.info("data.teacher: %d answers at %.1f tokens/s", len(texts), stats["tokens_per_second"])
+        return texts
+
+    return generate, tokenizer
+
+
+def _tokenizer(path, cfg):
+    from omegaconf import OmegaConf
+
+    from align import models
+
+    return models.load_tokenizer(OmegaConf.merge(cfg.model, {"name_or_path": str(path), "chat_template": None}))
