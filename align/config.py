@@ -90,6 +90,7 @@ class SourceConfig:
 class DataConfig:
     recipe: str = "instructions"
     scope: Optional[str] = None
+    kit: Optional[str] = None
     sources: List[SourceConfig] = field(default_factory=list)
     filters: List[Dict[str, Any]] = field(default_factory=list)
     train_files: List[str] = field(default_factory=list)

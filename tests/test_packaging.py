@@ -59,7 +59,9 @@ def run_guide(python: Path, home: Path, extra_env: dict | None = None) -> Path:
     project = home / "cooking"
     project.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONPATH")}
-    env.update({"PATH": f"{python.parent}{os.pathsep}{env['PATH']}", "WANDB_SILENT": "true", **(extra_env or {})})
+    # PyRIT's public data from the test fixture, not PyPI (the wheel is fetched once on a user's machine)
+    env.update({"PATH": f"{python.parent}{os.pathsep}{env['PATH']}", "WANDB_SILENT": "true",
+                "ALIGN_PYRIT_WHEEL": str(ROOT / "tests/fixtures/public/pyrit"), **(extra_env or {})})
     for command in guide_commands():
         res = subprocess.run(["bash", "-c", command], cwd=project, env=env, capture_output=True, text=True,
                              timeout=600)
@@ -75,7 +77,10 @@ def check_project(project: Path) -> None:
         assert (project / rel).exists(), rel
     sft = (project / "outputs/try/data/sft_train.jsonl").read_text()
     assert "You are a cooking assistant." in sft and "tax" not in sft.lower()
-    assert "Sorry, I can only help with cooking questions, not programming." in sft
+    assert "Sorry, I can only help with cooking questions, not " in sft  # the card's own refusals
+    stats = (project / "outputs/try/data/stats.json").read_text()
+    for source in ("off_scope_pool", "harm_pool", "attacks", "eval_attacks", "near_miss", "harmful"):
+        assert f'"source": "{source}"' in stats, source
     manifest = (project / "outputs/try/safety_eval/manifest.json").read_text()
     assert '"finished_at"' in manifest
 

@@ -531,7 +531,10 @@ def build(cfg, tokenizer=None) -> Built:
     seed = int(cfg.seed)
     stats, rows = {}, {}
     for src in srcs:
-        if src.path != scoped.COMPOSE:
+        if src.options.get("optional") and sources.resolve(src.path) is None:  # an optional file the kit lacks
+            log.info("data source '%s': optional file %s not found; 0 rows", src.name, src.path)
+            stats[src.name], rows[src.name] = _new_stats(src, sources.Loaded()), []
+        elif src.path != scoped.COMPOSE:
             loaded = sources.load_source(_loader_view(src), cfg.data.on_bad_rows)
             stats[src.name], rows[src.name] = _new_stats(src, loaded), loaded.rows
     _apply_card(srcs, rows, stats)

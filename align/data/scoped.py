@@ -18,7 +18,7 @@ from collections import Counter
 
 from align import AlignError
 
-POOL_OPTIONS = ("drop_categories", "near", "near_threshold")
+POOL_OPTIONS = ("drop_categories", "near", "near_threshold", "optional")
 COMPOSE_OPTIONS = ("wrap", "templates", "max_words", "template_eval_fraction", "near")
 COMPOSE = "compose:attacks"
 NEAR_THRESHOLD = 0.5  # TF-IDF cosine to the closest in-scope prompt at which a pool row is dropped
