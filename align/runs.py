@@ -1,12 +1,16 @@
 """Run folders: outputs/<run.name>/<stage>/ with config.yaml, metrics.json and manifest.json.
 
-The manifest is written last, so a stage folder without one is incomplete. Finished outputs are
-never replaced unless run.overwrite=true; run.resume=true continues from the last checkpoint.
+The manifest is written last, so a stage folder without one is incomplete. Finished outputs are never
+deleted before their replacement is finished: run.overwrite=true writes beside them in <stage>.new, and
+finish() swaps that in. run.resume=true continues from the newest complete checkpoint. One process at a
+time writes a stage: prepare() takes outputs/<run.name>/.<stage>.lock, finish() (or the exit) releases it.
 """
 
 import hashlib
 import importlib.metadata
 import json
+import logging
+import os
 import re
 import shutil
 import subprocess
@@ -15,14 +19,32 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from align import AlignError, __version__
+from align import AlignError, __version__, locks
+
+log = logging.getLogger(__name__)
 
 SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|access[_-]?key|(^|[_-])token$)", re.I)
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "wandb", "hydra-core")
+STAGING, ASIDE = ".new", ".old"  # <stage>.new: an overwrite in progress; <stage>.old: the replaced run, mid-swap
+# a checkpoint is complete with its loop state and its weights (TRL's Trainer, or our PPO loop's layout)
+CHECKPOINT_STATES = ("trainer_state.json", "state.json")
+CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
+                      "adapter/adapter_model.safetensors", "adapter_model.bin", "pytorch_model.bin")
 
 
 def stage_dir(cfg, stage: str) -> Path:
     return Path(cfg.run.output_dir) / cfg.run.name / stage
+
+
+def staging_dir(cfg, stage: str) -> Path:
+    """Where an overwrite of a finished stage writes until finish() swaps it in."""
+    out = stage_dir(cfg, stage)
+    return out.with_name(out.name + STAGING)
+
+
+def work_dir(cfg, stage: str) -> Path:
+    """The folder a run of `stage` writes in: the stage folder, or its staging folder when that one is finished."""
+    return staging_dir(cfg, stage) if is_finished(stage_dir(cfg, stage)) else stage_dir(cfg, stage)
 
 
 def is_finished(path: Path) -> bool:
@@ -30,31 +52,111 @@ def is_finished(path: Path) -> bool:
 
 
 def prepare(cfg, stage: str, main_process: bool = True) -> Path:
-    """Create the stage folder, refusing to replace a finished run unless asked."""
-    out = stage_dir(cfg, stage)
-    if is_finished(out):
-        if not cfg.run.overwrite:
-            raise AlignError(
-                f"{out} holds a finished {stage} run; pass run.overwrite=true to replace it "
-                f"or choose another run.name"
-            )
-        if main_process:
-            shutil.rmtree(out)
-    elif out.exists() and not cfg.run.resume and last_checkpoint(out) is not None and not cfg.run.overwrite:
-        raise AlignError(
-            f"{out} holds an interrupted {stage} run; pass run.resume=true to continue it "
-            f"or run.overwrite=true to start over"
-        )
+    """Take the stage's lock and return the folder this run writes in, refusing to replace a finished run
+    unless asked. Nothing finished is deleted here, so a failed or interrupted overwrite keeps the old outputs."""
+    final = stage_dir(cfg, stage)
+    owner = main_process and os.environ.get("RANK", "0") == "0"  # one writer per torchrun/accelerate job
+    if owner:
+        locks.acquire(cfg, stage)
+        recover_swap(final)
+    out, fresh = _plan(cfg, stage, final)
+    if owner and fresh and out.exists():
+        shutil.rmtree(out)  # never finished (the manifest check above): an interrupted run asked to start over
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
+def _plan(cfg, stage: str, final: Path) -> tuple[Path, bool]:
+    """(the folder to write in, whether to empty it first), or the one-line refusal."""
+    run = cfg.run
+    if is_finished(final):
+        staging = staging_dir(cfg, stage)
+        if not run.overwrite:
+            pending = (f"; {staging} holds an interrupted overwrite: run.overwrite=true run.resume=true continues it"
+                       if last_checkpoint(staging) else "")
+            raise AlignError(f"{final} holds a finished {stage} run; pass run.overwrite=true to replace it "
+                             f"or choose another run.name{pending}")
+        return staging, not run.resume
+    if run.overwrite and not run.resume:
+        return final, True
+    if final.exists() and not run.resume and last_checkpoint(final) is not None:
+        raise AlignError(f"{final} holds an interrupted {stage} run; pass run.resume=true to continue it "
+                         f"or run.overwrite=true to start over")
+    return final, False
+
+
+def swap(new: Path, final: Path) -> None:
+    """Replace `final` by the finished `new`: old aside, new in, old deleted. A crash between the renames is
+    repaired by recover_swap() on the next prepare()."""
+    old = final.with_name(final.name + ASIDE)
+    shutil.rmtree(old, ignore_errors=True)  # a leftover of a swap that crashed while deleting
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("replaced %s with the new run", final)
+
+
+def recover_swap(final: Path) -> None:
+    new, old = final.with_name(final.name + STAGING), final.with_name(final.name + ASIDE)
+    if not final.exists() and old.exists():
+        back = new if is_finished(new) else old  # the new run if it finished, else the old one, whole
+        back.rename(final)
+        log.warning("%s: completed an interrupted swap (kept the %s run)", final, "new" if back is new else "old")
+    if final.exists() and old.exists():
+        shutil.rmtree(old)  # the swap had finished; only deleting the replaced run was cut short
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """The checkpoint-N folders in `folder` (a stage folder's checkpoints/), oldest first; .tmp ones excluded."""
+    found = (p for p in Path(folder).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit())
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (None: complete)."""
+    ckpt = Path(ckpt)
+    state = next((ckpt / s for s in CHECKPOINT_STATES if (ckpt / s).exists()), None)
+    if state is None:
+        return f"no {' or '.join(CHECKPOINT_STATES)}"
+    try:
+        json.loads(state.read_text())
+    except ValueError:
+        return f"{state.name} is not valid JSON"
+    weights = [ckpt / w for w in CHECKPOINT_WEIGHTS if (ckpt / w).exists()]
+    if not weights:
+        return "no weights file"
+    bad = [w for w in weights if w.suffix == ".safetensors" and not _safetensors_whole(w)]
+    return f"{bad[0].relative_to(ckpt)} is truncated" if bad else None
+
+
+def _safetensors_whole(path: Path) -> bool:
+    """A safetensors file is 8 bytes of header length, a JSON header, then the tensors the header places."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else size
+        if n > size - 8:
+            return False
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            return False
+    try:
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError):
+        return False
+    return size == 8 + n + end
+
+
 def last_checkpoint(out: Path) -> str | None:
-    ckpts = sorted(
-        (p for p in (Path(out) / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    return str(ckpts[-1]) if ckpts else None
+    """The newest complete checkpoint under out/checkpoints; broken newer ones are skipped with a warning."""
+    for ckpt in reversed(checkpoints(Path(out) / "checkpoints")):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return str(ckpt)
+        log.warning("skipping checkpoint %s: %s", ckpt, problem)
+    return None
 
 
 def find_parent(cfg, stages: tuple[str, ...] | list[str], explicit: str | None = None, needed_by: str = "") -> Path:
@@ -82,6 +184,55 @@ def scrub(obj):
     if isinstance(obj, list):
         return [scrub(v) for v in obj]
     return obj
+
+
+def scrub_override(text: str) -> str:
+    """'key=value' overrides (alone, or comma-joined as in Hydra's override_dirname) whose key looks secret
+    get their value redacted: trainer.extra.hub_token=hf_x -> trainer.extra.hub_token=<redacted>."""
+    if "=" not in text:
+        return text
+    parts = []
+    for part in text.split(","):
+        key, eq, _ = part.partition("=")
+        leaf = key.strip().lstrip("+~").rsplit(".", 1)[-1]
+        parts.append(f"{key}=<redacted>" if eq and SECRET_KEY.search(leaf) else part)
+    return ",".join(parts)
+
+
+def _scrub_log(obj):
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if SECRET_KEY.search(str(k)) else _scrub_log(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_scrub_log(v) for v in obj]
+    return scrub_override(obj) if isinstance(obj, str) else obj
+
+
+def scrub_hydra_logs() -> list[Path]:
+    """Hydra saves the composed config and the command line (.hydra/config.yaml, hydra.yaml, overrides.yaml)
+    under the run's logs/ before any of our code runs; rewrite them with secrets redacted. Returns the files
+    rewritten."""
+    import yaml
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        files = list((Path(hc.runtime.output_dir) / hc.output_subdir).glob("*.yaml")) if hc.output_subdir else []
+        if hc.mode == RunMode.MULTIRUN:
+            files.append(Path(hc.sweep.dir) / "multirun.yaml")
+    except Exception:  # not inside a Hydra app (scripts, tests composing configs): no log files
+        return []
+    changed = []
+    for f in files:
+        if not f.is_file():
+            continue
+        data = yaml.safe_load(f.read_text())
+        clean = _scrub_log(data)
+        if clean != data:
+            f.write_text(yaml.safe_dump(clean, sort_keys=False, allow_unicode=True))
+            changed.append(f)
+    return changed
 
 
 def config_dict(cfg) -> dict:
@@ -131,10 +282,24 @@ def _versions() -> dict:
     return out
 
 
+def relocate(obj, src: Path, dst: Path):
+    """Paths under the staging folder, as they will read once it is swapped in."""
+    if isinstance(obj, dict):
+        return {k: relocate(v, src, dst) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [relocate(v, src, dst) for v in obj]
+    if isinstance(obj, str) and (obj == str(src) or obj.startswith(str(src) + os.sep)):
+        return str(dst) + obj[len(str(src)):]
+    return obj
+
+
 def finish(out: Path, cfg, stage: str, metrics: dict, parents: dict | None = None,
            data_fingerprint: str | None = None, started: float | None = None, extra: dict | None = None) -> None:
-    """Write config.yaml, metrics.json and, last, manifest.json."""
-    out = Path(out)
+    """Write config.yaml, metrics.json and, last, manifest.json; then swap an overwrite in and release the lock."""
+    out, final = Path(out), stage_dir(cfg, stage)
+    staged = out == staging_dir(cfg, stage)
+    if staged:
+        metrics, extra = relocate(metrics, out, final), relocate(extra, out, final)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config_dict(cfg))))
     write_json(out / "metrics.json", metrics)
     manifest = {
@@ -152,6 +317,9 @@ def finish(out: Path, cfg, stage: str, metrics: dict, parents: dict | None = Non
         **(extra or {}),
     }
     write_json(out / "manifest.json", scrub(manifest))
+    if staged:
+        swap(out, final)
+    locks.release(cfg, stage)
 
 
 def read_manifest(path: Path) -> dict:

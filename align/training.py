@@ -66,7 +66,12 @@ def trainer_args(cfg, out: Path, tracker, config_cls, has_eval: bool, **stage_kw
         raise AlignError(f"trainer.extra: {config_cls.__name__} has no field(s) {', '.join(unknown)}")
     if t.gradient_checkpointing:
         kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
-    # memory-saving optimizers live in optional packages: say which one is missing in one line, before training
+    check_optimizer(t, kwargs)
+    return config_cls(**kwargs)
+
+
+def check_optimizer(t, kwargs: dict) -> None:
+    """Memory-saving optimizers live in optional packages: say which one is missing in one line, before training."""
     import importlib.util
 
     bnb_optims = ("adamw_bnb_8bit", "adamw_8bit", "ademamix", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_",
@@ -92,7 +97,31 @@ def trainer_args(cfg, out: Path, tracker, config_cls, has_eval: bool, **stage_kw
         except Exception as exc:
             raise AlignError(f"trainer.optim={t.optim}: bitsandbytes' 8-bit optimizers cannot run on this CPU "
                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); use adamw_torch") from None
-    return config_cls(**kwargs)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs. Run before the model and adapter exist: LoRA's A matrices are drawn at
+    creation, before the Trainer seeds, so without this two runs with one seed start from different adapters."""
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def drop_training_args(folder: Path) -> None:
+    """transformers pickles its TrainingArguments (hub_token, trainer.extra) into every save as
+    training_args.bin; resuming never reads it (transformers 5), so it is not shipped with adapters or kept."""
+    (Path(folder) / "training_args.bin").unlink(missing_ok=True)
+
+
+def _checkpoint_scrubber():
+    from transformers import TrainerCallback
+
+    class DropTrainingArgs(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                drop_training_args(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    return DropTrainingArgs()
 
 
 def resume_checkpoint(cfg, out: Path) -> str | None:
@@ -112,6 +141,7 @@ def loss_history(trainer) -> list[float]:
 
 def train(trainer, cfg, out: Path) -> dict:
     """Train (resuming if asked) and return the train metrics, with the first and last logged loss."""
+    trainer.add_callback(_checkpoint_scrubber())
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, out))
     metrics = {f"train/{k}": v for k, v in result.metrics.items()}
     losses = loss_history(trainer)
@@ -127,6 +157,7 @@ def save_model(trainer, cfg, out: Path, tokenizer) -> Path:
     trainer.save_model(str(target))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(target))
+        drop_training_args(target)
     return target
 
 

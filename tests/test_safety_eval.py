@@ -48,7 +48,7 @@ def test_adapter_before_and_after_from_recipe_split(tiny_sft):
 def test_gates_exit_1_when_unmet_and_0_when_met(tmp_path):
     prompts = write_prompts(tmp_path / "mine.jsonl")
     common = [*EVAL, f"eval.prompts=[{prompts}]", f"run.output_dir={tmp_path}"]
-    res = cli(*common, "run.name=g1", "eval.min_os=1.01")
+    res = cli(*common, "run.name=g1", "eval.min_os=1.0")
     assert res.returncode == 1, res.stderr[-500:]
     assert "gate failed" in res.stderr and "os" in res.stderr
     res = cli(*common, "run.name=g2", "eval.min_os=0.0")

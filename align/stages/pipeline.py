@@ -10,7 +10,7 @@ import logging
 import time
 from pathlib import Path
 
-from align import AlignError, runs
+from align import AlignError, checks, runs
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,11 @@ def run(cfg) -> dict:
     unknown = [s for s, o in cfg.pipeline.overrides.items() if o and s not in stages]
     if unknown:
         raise AlignError(f"pipeline.overrides: {unknown[0]!r} is not in this pipeline ({', '.join(stages)})")
+    for stage in stages:  # a bad value in a late stage's overrides fails now, not after minutes of training
+        try:
+            checks.check(compose_stage(cfg, stage, []))
+        except AlignError as exc:
+            raise AlignError(f"pipeline stage {stage}: {exc}") from exc
     timings: dict[str, float | str] = {}
     earlier: dict[str, float] = {}  # seconds a skipped stage took when it ran, from its manifest
     started = time.time()
@@ -87,7 +92,7 @@ def run(cfg) -> dict:
                 earlier[stage] = took
             continue
         extra = ["run.overwrite=true"] if stage in redo else []
-        if not runs.is_finished(out) and runs.last_checkpoint(out):
+        if runs.last_checkpoint(runs.work_dir(cfg, stage)):  # interrupted, or an interrupted redo (<stage>.new)
             extra.append("run.resume=true")
         log.info("pipeline: running %s", stage)
         t0 = time.time()

@@ -1,0 +1,273 @@
+"""Issue #26: nothing lost (overwrite is a swap, locks), nothing stale (complete checkpoints, seeds), one clear line
+(range checks, run.name), no secrets shipped. One finished SFT run is shared by the tests that read it."""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SFT_ARGS, TINY, cli, compose, run_stage
+
+from align import AlignError, checks, locks, runs
+
+SECRET = "hf_reliabilitySECRET123"
+SFT = [*SFT_ARGS, "trainer.max_steps=2", "trainer.save_steps=1", "trainer.learning_rate=1e-3"]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def adapter_bytes(root: Path, name: str) -> bytes:
+    return (root / name / "sft" / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 2-step SFT run (run.name=base, seed 42, a checkpoint per step), trained with a token in
+    trainer.extra that must not reach any file."""
+    root = tmp_path_factory.mktemp("reliability")
+    run_stage(root, *SFT, "run.name=base", f"+trainer.extra.hub_token={SECRET}")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- range checks
+
+BAD_VALUES = [
+    ("trainer.max_steps=0", "trainer.max_steps=0", "-1 or >= 1"),
+    ("trainer.learning_rate=0", "trainer.learning_rate=0", "> 0"),
+    ("trainer.per_device_train_batch_size=0", "trainer.per_device_train_batch_size=0", ">= 1"),
+    ("trainer.gradient_accumulation_steps=0", "trainer.gradient_accumulation_steps=0", ">= 1"),
+    ("dpo.beta=0", "dpo.beta=0", "> 0"),
+    ("kto.beta=-0.1", "kto.beta=-0.1", "> 0"),
+    ("eval.batch_size=0", "eval.batch_size=0", ">= 1"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens=0", ">= 1"),
+    ("data.eval_fraction=1.5", "data.eval_fraction=1.5", "in [0, 1)"),
+    ("peft.lora_dropout=1.0", "peft.lora_dropout=1", "in [0, 1)"),
+    ("eval.min_os=2", "eval.min_os=2", "in [0, 1]"),
+]
+
+
+@pytest.mark.parametrize("override,shown,expected", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_bad_value_is_one_line_exit_2_and_keeps_finished_outputs(finished, override, shown, expected):
+    before = snapshot(finished / "base" / "sft")
+    res = cli(*SFT, "run.name=base", "run.overwrite=true", f"run.output_dir={finished}", override)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert shown in lines[0] and f"expected {expected}" in lines[0], lines[0]
+    assert snapshot(finished / "base" / "sft") == before
+    assert not (finished / "base" / "sft.new").exists()
+
+
+def test_every_shipped_config_passes_the_checks():
+    from align.config import STAGES
+
+    for stage in STAGES:
+        checks.check(compose(Path("outputs"), f"stage={stage}"))
+    checks.check(compose(Path("outputs"), "stage=pipeline", "pipeline.policy=ppo"))
+
+
+def test_ranges_describe_themselves():
+    assert checks.describe(checks.RANGES["trainer.max_steps"]) == "-1 or >= 1"
+    assert checks.describe(checks.RANGES["dpo.label_smoothing"]) == "in [0, 0.5)"
+    assert checks.describe(checks.RANGES["ppo.top_p"]) == "in (0, 1]"
+    assert all(r.why for r in checks.RANGES.values())
+    cfg = compose(Path("outputs"), "stage=sft", "data.sources=[{name: a, path: b.jsonl, weight: -1}]")
+    with pytest.raises(AlignError, match=r"data.sources\[0\].weight=-1: expected >= 0"):
+        checks.check(cfg)
+    with pytest.raises(AlignError, match="trainer.learning_rate=nan"):
+        checks.check(compose(Path("outputs"), "stage=sft", "trainer.learning_rate=nan"))
+
+
+def test_pipeline_checks_every_stage_before_the_first_runs(tmp_path):
+    with pytest.raises(AlignError, match=r"pipeline stage dpo: dpo.beta=0: expected > 0"):
+        run_stage(tmp_path, "stage=pipeline", *TINY, "data=instructions", "scope=none", "run.name=p",
+                  'pipeline.overrides.dpo=["dpo.beta=0"]')
+    assert not (tmp_path / "p" / "data").exists()
+
+
+@pytest.mark.parametrize("name", ["../x", "", "/abs", ".."])
+def test_run_name_outside_output_dir_is_refused(tmp_path, name):
+    out = tmp_path / "out"
+    res = cli(*SFT, f"run.name={name}", f"run.output_dir={out}")
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "run.name" in lines[0], res.stderr
+    assert not list(tmp_path.rglob("sft")) and not list(tmp_path.rglob("manifest.json"))
+
+
+# ---------------------------------------------------------------------------------------------- overwrite swap
+
+
+def test_failing_overwrite_keeps_the_old_run(finished):
+    before = snapshot(finished / "base" / "sft")
+    with pytest.raises(AlignError, match="nope.jsonl"):
+        run_stage(finished, *SFT, "run.name=base", "run.overwrite=true", "data.train_files=[nope.jsonl]")
+    assert snapshot(finished / "base" / "sft") == before
+    assert not runs.is_finished(finished / "base" / "sft.new")
+    assert not locks.lock_path(compose(finished, "run.name=base"), "sft").exists()  # released on failure
+
+
+def test_killed_overwrite_keeps_the_old_run_and_resumes_into_a_swap(finished, tmp_path, caplog):
+    root = tmp_path
+    shutil.copytree(finished / "base", root / "kill")
+    old = snapshot(root / "kill" / "sft")
+    new = root / "kill" / "sft.new"
+    proc = subprocess.Popen([sys.executable, "-m", "align", *SFT, "run.name=kill", f"run.output_dir={root}",
+                             "run.overwrite=true", "trainer.max_steps=500", "seed=7"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"})
+    try:
+        deadline = time.time() + 300
+        while runs.last_checkpoint(new) is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert runs.last_checkpoint(new), "the overwrite wrote no checkpoint before it was killed"
+    step = int(Path(runs.last_checkpoint(new)).name.split("-")[-1])
+    assert snapshot(root / "kill" / "sft") == old  # the finished run is whole while the overwrite was killed
+    lock = json.loads(locks.lock_path(compose(root, "run.name=kill"), "sft").read_text())
+    assert lock["pid"] == proc.pid  # the dead writer's lock is still there ...
+
+    with caplog.at_level(logging.INFO):  # ... and is taken over by the next run
+        with pytest.raises(AlignError, match="interrupted overwrite"):  # resuming it needs both flags
+            run_stage(root, *SFT, "run.name=kill", "run.resume=true")
+        assert f"lock of pid {proc.pid}, which is no longer running" in caplog.text
+        m = run_stage(root, *SFT, "run.name=kill", "run.overwrite=true", "run.resume=true",
+                      f"trainer.max_steps={step + 1}", "seed=7")
+    assert f"resuming from {new / 'checkpoints' / f'checkpoint-{step}'}" in caplog.text
+    assert m["train/global_step"] == step + 1
+    out = root / "kill" / "sft"
+    assert adapter_bytes(root, "kill") != old["adapter/adapter_model.safetensors"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["output"] == str(out / "adapter") and json.loads(old["manifest.json"]) != manifest
+    assert not new.exists() and not (root / "kill" / "sft.old").exists()
+    assert not locks.lock_path(compose(root, "run.name=kill"), "sft").exists()
+
+
+def test_a_swap_cut_between_its_renames_is_repaired(tmp_path):
+    final, new, old = tmp_path / "sft", tmp_path / "sft.new", tmp_path / "sft.old"
+    for folder, tag in ((new, "new"), (old, "old")):
+        folder.mkdir()
+        (folder / "manifest.json").write_text(tag)
+    runs.recover_swap(final)  # both finished: the new run had been written whole
+    assert (final / "manifest.json").read_text() == "new" and not old.exists() and not new.exists()
+    old.mkdir()
+    (old / "manifest.json").write_text("old")
+    final.rename(new)
+    (new / "manifest.json").unlink()  # the new one unfinished: the old run comes back
+    runs.recover_swap(final)
+    assert (final / "manifest.json").read_text() == "old" and not old.exists()
+
+
+# ---------------------------------------------------------------------------------------------- locks
+
+
+def test_a_live_lock_is_refused_in_one_line(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        (tmp_path / "lk").mkdir()
+        (tmp_path / "lk" / ".sft.lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        res = cli(*SFT, "run.name=lk", f"run.output_dir={tmp_path}")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"another process (pid {sleeper.pid}, host {socket.gethostname()})" in lines[0]
+    assert not (tmp_path / "lk" / "sft").exists()
+
+
+def test_a_dead_lock_is_taken_over_and_released(tmp_path, caplog):
+    cfg = compose(tmp_path, "run.name=dl")
+    path = locks.lock_path(cfg, "sft")
+    path.parent.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    with caplog.at_level(logging.WARNING):
+        locks.acquire(cfg, "sft")
+    assert f"lock of pid {dead.pid}" in caplog.text
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    locks.release(cfg, "sft")
+    assert not path.exists()
+    path.write_text(json.dumps({"pid": os.getpid(), "host": "elsewhere"}))  # another host's pid: cannot tell
+    with pytest.raises(AlignError, match="host elsewhere"):
+        locks.acquire(cfg, "sft")
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_resume_skips_a_truncated_newest_checkpoint(finished, tmp_path, caplog):
+    shutil.copytree(finished / "base", tmp_path / "ck")
+    out = tmp_path / "ck" / "sft"
+    (out / "manifest.json").unlink()  # an interrupted run
+    weights = out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING):
+        assert runs.last_checkpoint(out) == str(out / "checkpoints" / "checkpoint-1")
+    assert "checkpoint-2" in caplog.text and "truncated" in caplog.text
+    m = run_stage(tmp_path, *SFT, "run.name=ck", "run.resume=true")  # loading checkpoint-2 would fail
+    assert m["train/global_step"] == 2 and runs.is_finished(out)
+
+
+def test_checkpoint_completeness(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    ck = tmp_path / "checkpoints"
+    for n, files in ((1, {"state.json": "{}", "adapter/adapter_model.safetensors": None}),  # the PPO loop's layout
+                     (2, {"adapter_model.safetensors": None}),  # no trainer state
+                     (10, {"trainer_state.json": "{trunc", "adapter_model.safetensors": None})):
+        for name, text in files.items():
+            f = ck / f"checkpoint-{n}" / name
+            f.parent.mkdir(parents=True, exist_ok=True)
+            if text is None:
+                save_file({"w": torch.ones(3)}, str(f))
+            else:
+                f.write_text(text)
+    (ck / "checkpoint-11.tmp").mkdir()
+    assert [p.name for p in runs.checkpoints(ck)] == ["checkpoint-1", "checkpoint-2", "checkpoint-10"]
+    assert runs.checkpoint_problem(ck / "checkpoint-10") == "trainer_state.json is not valid JSON"
+    assert "no trainer_state.json" in runs.checkpoint_problem(ck / "checkpoint-2")
+    assert runs.last_checkpoint(tmp_path) == str(ck / "checkpoint-1")
+
+
+# ---------------------------------------------------------------------------------------------- determinism, secrets
+
+
+def test_same_seed_gives_byte_identical_adapters(finished, tmp_path):
+    run_stage(tmp_path, *SFT, "run.name=again")
+    assert adapter_bytes(tmp_path, "again") == adapter_bytes(finished, "base")
+    run_stage(tmp_path, *SFT, "run.name=other", "seed=7")
+    assert adapter_bytes(tmp_path, "other") != adapter_bytes(finished, "base")
+
+
+def test_no_training_args_pickle_and_no_token_in_the_outputs(finished):
+    out = finished / "base" / "sft"
+    assert not list(out.rglob("training_args.bin"))
+    assert (out / "checkpoints" / "checkpoint-1" / "trainer_state.json").exists()
+    leaked = [p for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaked
+
+
+def test_hydra_logs_are_scrubbed(tmp_path):
+    res = cli(*SFT, "run.name=sec", f"run.output_dir={tmp_path}", f"+trainer.extra.hub_token={SECRET}",
+              "trainer.max_steps=0")  # fails in the checks, after the logs are written
+    assert res.returncode == 2 and "trainer.max_steps=0" in res.stderr
+    logs = list((tmp_path / "sec" / "logs").rglob("*.yaml"))
+    assert {p.name for p in logs} >= {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    assert not [p for p in logs if SECRET in p.read_text()]
+    overrides = next(p for p in logs if p.name == "overrides.yaml").read_text()
+    assert "+trainer.extra.hub_token=<redacted>" in overrides and "trainer.max_steps=0" in overrides
