@@ -813,14 +813,17 @@ def load_checkpoint(folder: Path, policy_value: PolicyValue, optimizer, rank: in
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((p for p in (Path(out) / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
-    return found[-1] if found else None
+    """The newest complete checkpoint (runs.last_checkpoint skips a broken newer one, saying so)."""
+    from align.runs import last_checkpoint
+
+    found = last_checkpoint(out)
+    return Path(found) if found else None
 
 
 def prune_checkpoints(folder: Path, keep: int, keep_update: int | None = None) -> None:
     """Keep the last `keep` checkpoints, and checkpoint-<keep_update> (the best so far when ppo.select_prompts)."""
-    found = sorted((p for p in Path(folder).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
+    from align.runs import checkpoints
+
+    found = checkpoints(folder)
     for old in [p for p in found[:-keep] if p.name != f"checkpoint-{keep_update}"]:
         shutil.rmtree(old, ignore_errors=True)
