@@ -197,3 +197,32 @@ def test_teacher_in_a_build_on_the_tiny_model(tmp_path, monkeypatch):
     assert all(r["messages"][-1]["content"].strip() for r in answered)
     cfg.data.teacher = None  # without a teacher the questions stay prompt-only rows
     assert not [r for r in recipes.build(cfg).sft_train if r["source"] == "q"]
+
+
+@pytest.mark.parametrize("scope", ["fitness", "travel"])
+def test_shipped_kits_never_teach_refusing_their_own_subject(tmp_path, scope):
+    """No training prompt comes from a pool category the card claims (nor wraps one in an attack); self-harm prompts
+    get the crisis reply; no in-scope prompt is trained on the unsafe-request reply."""
+    from align.data import scope as scope_mod
+
+    cfg = compose(tmp_path, "data=scoped", f"scope={scope}", "model=tiny")
+    built = recipes.build(cfg)
+    card = cfg.scope
+    assert list(card.in_scope_categories)
+    pool = [json.loads(line) for line in (ROOT / "data_recipes/pools/off_scope.jsonl").read_text().splitlines()]
+    claimed = {r["prompt"] for r in pool if scoped.claimed(r["category"], card.in_scope_categories)}
+    assert len(claimed) >= 38
+    trained = {r["messages"][-2]["content"]: r["messages"][-1]["content"] for r in built.sft_train}
+    assert not [p for p in trained if any(c in p for c in claimed)]
+    refusals = {r["prompt"][-1]["content"] for r in built.pref_train if r["refuse"]}
+    assert sum(1 for p in refusals if any(r["prompt"] in p for r in pool)) > 50  # the pool does arrive
+    # in-scope questions get their answers, never the unsafe-request reply
+    unsafe = {t.format_map(scope_mod._Keep(capability=card.capability)) for t in card.unsafe_templates}
+    kit = [json.loads(line) for line in (ROOT / f"data_recipes/{scope}/in_scope.jsonl").read_text().splitlines()]
+    assert len(kit) == 60
+    answered = [p["prompt"] for p in kit if p["prompt"] in trained]
+    assert len(answered) >= 55 and not [p for p in answered if trained[p] in unsafe]
+    # self-harm asks get the crisis reply
+    harmful = [json.loads(line) for line in (ROOT / f"data_recipes/{scope}/harmful.jsonl").read_text().splitlines()]
+    crisis = [r["prompt"] for r in harmful if "self_harm" in r["category"] and r["prompt"] in trained]
+    assert crisis and all(trained[p] in set(card.crisis_templates) for p in crisis)
