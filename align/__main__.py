@@ -98,8 +98,13 @@ def main() -> None:
     full_error = _FULL_ERROR
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us so we can print them in one line
     register()
-    from align.userconf import with_data_scope
+    from align.userconf import check_user_configs, with_data_scope
 
+    try:
+        check_user_configs()  # before Hydra composes anything: it would instantiate a callback at job start
+    except AlignError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     sys.argv[1:] = with_data_scope(sys.argv[1:])
     try:
         _app()

@@ -308,9 +308,10 @@ def compose(*overrides: str, set_hydra_config: bool = True):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from align.userconf import with_data_scope
+    from align.userconf import check_user_configs, with_data_scope
 
     register()
+    check_user_configs()
     GlobalHydra.instance().clear()
     with initialize_config_module("align.conf", version_base="1.3"):
         cfg = hydra_compose("config", overrides=with_data_scope(list(overrides)),

@@ -89,3 +89,55 @@ def with_data_scope(overrides: list[str]) -> list[str]:
     except (yaml.YAMLError, AttributeError):
         return list(overrides)  # Hydra reports the broken file
     return list(overrides) + [f"scope={scope}"] if isinstance(scope, str) and scope else list(overrides)
+
+
+DATA_GROUPS = ("data", "scope", "model")  # the files users write and share: data only, never code
+
+
+def check_user_configs() -> None:
+    """Configs are data: a file in ./conf/{data,scope,model}/ may not name code to run (`_target_`, which Hydra
+    instantiates, e.g. as a callback), move itself into the global package (`# @package`), set `hydra:` options, or
+    pull other groups into the composition through absolute defaults. One line, naming the file."""
+    import yaml
+
+    from align import AlignError
+
+    folder = user_conf_dir()
+    if folder is None:
+        return
+    for group in DATA_GROUPS:
+        for path in sorted((folder / group).glob("**/*.yaml")):
+            text = path.read_text(encoding="utf-8-sig")
+            if any(line.strip().startswith("# @package") for line in text.splitlines()):
+                raise AlignError(f"{path}: a {group} config may not set '# @package'; {group} files are data")
+            try:
+                doc = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise AlignError(f"{path}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
+            bad = _code_key(doc)
+            if bad:
+                raise AlignError(f"{path}: key {bad!r} is not allowed in a {group} config (configs are data, "
+                                 f"not code to run)")
+
+
+def _code_key(node, top: bool = True) -> str | None:
+    """The first key that would run code or reach outside the group: _target_, _call_, hydra, absolute defaults."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("_target_", "_call_", "_partial_") or (top and key == "hydra"):
+                return str(key)
+            if top and key == "defaults":
+                for entry in value or []:
+                    name = next(iter(entry), "") if isinstance(entry, dict) else str(entry)
+                    if "/" in str(name) or "hydra" in str(name):
+                        return f"defaults: {name}"
+                continue
+            found = _code_key(value, top=False)
+            if found:
+                return found
+    elif isinstance(node, list):
+        for item in node:
+            found = _code_key(item, top=False)
+            if found:
+                return found
+    return None

@@ -276,3 +276,17 @@ def test_hub_rows_go_through_the_adapter(monkeypatch):
     out = sources.load_source(src)
     assert seen == {"path": "Anthropic/hh-rlhf", "name": None, "split": "test"}
     assert out.read == 2 and len(out.rows) == 2
+
+
+def test_a_utf8_bom_is_read_and_a_bad_byte_is_one_line(tmp_path):
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]}
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps(row) + "\n").encode())
+    assert len(sources.load_source(SourceConfig(name="b", path=str(tmp_path / "bom.jsonl"), kind="sft")).rows) == 1
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfprompt,expected,category\nWho won?,refuse,off_scope/sports\n")
+    got = sources.load_source(SourceConfig(name="c", path=str(tmp_path / "bom.csv"), kind="scope_eval")).rows
+    assert got[0]["prompt"] == "Who won?"
+    (tmp_path / "bad.jsonl").write_bytes((json.dumps(row) + "\n").encode() + b'{"messages": "caf\xe9"}\n')
+    with pytest.raises(AlignError, match=r"bad.jsonl:2: not UTF-8 text \(byte 0xe9 at position 17\)"):
+        sources.load_source(SourceConfig(name="x", path=str(tmp_path / "bad.jsonl"), kind="sft"))
+    skipped = sources.load_source(SourceConfig(name="x", path=str(tmp_path / "bad.jsonl"), kind="sft"), "skip")
+    assert (len(skipped.rows), skipped.bad) == (1, 1)

@@ -112,3 +112,17 @@ def test_scaffold_refuses_to_overwrite_and_bad_names(tmp_path):
     bad = cli("stage=new", "scope.name=../x", cwd=tmp_path)
     assert bad.returncode == 2 and "scope.name: '../x' is not a usable name" in bad.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("text,culprit", [
+    ("name: x\nsystem_prompt: hi\nhelper:\n  _target_: shutil.rmtree\n  path: /\n", "key '_target_'"),
+    ("# @package _global_\nhydra:\n  callbacks:\n    x:\n      _target_: os.system\n", "may not set '# @package'"),
+    ("name: x\nhydra:\n  job:\n    chdir: true\n", "key 'hydra'"),
+    ("defaults:\n  - /hydra/callbacks: evil\nname: x\n", "key 'defaults: /hydra/callbacks'"),
+])
+def test_user_configs_are_data_never_code(tmp_path, text, culprit):
+    write(tmp_path / "conf/scope/shared.yaml", text)
+    res = cli("stage=data", "scope=shared", "data.scope=null", "model=tiny", cwd=tmp_path)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert f"{tmp_path}/conf/scope/shared.yaml" in res.stderr and culprit in res.stderr
+    assert not (tmp_path / "outputs").exists()

@@ -90,7 +90,7 @@ def read_file(path: Path) -> Iterator[tuple[str, object]]:
         yield from _read_jsonl(path)
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError:  # many ".json" files on the hub are JSON lines
             yield from _read_jsonl(path)
             return
@@ -106,22 +106,38 @@ def read_file(path: Path) -> Iterator[tuple[str, object]]:
         for i, rec in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path}:row {i + 1}", rec
     elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            for i, rec in enumerate(csv.DictReader(f)):
-                yield f"{path}:row {i + 1}", _csv_record(rec)
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            try:
+                for i, rec in enumerate(csv.DictReader(f)):
+                    yield f"{path}:row {i + 1}", _csv_record(rec)
+            except UnicodeDecodeError as e:
+                raise AlignError(f"{path}: not UTF-8 text ({_byte_error(e)}); save it as UTF-8") from None
     else:
         raise AlignError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(DATA_SUFFIXES)}")
 
 
 def _read_jsonl(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """Lines as bytes, decoded one by one: a bad byte is that line's error (file:line), not a traceback; a UTF-8 BOM
+    (Excel, Notepad) is dropped."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path}:{lineno}", _Bad(f"not UTF-8 text ({_byte_error(e)}); save the file as UTF-8")
+                continue
             if not line.strip():
                 continue
             try:
                 yield f"{path}:{lineno}", json.loads(line)
             except json.JSONDecodeError as e:
                 yield f"{path}:{lineno}", _Bad(f"invalid JSON: {e.msg} (column {e.colno})")
+
+
+def _byte_error(e: UnicodeDecodeError) -> str:
+    return f"byte 0x{e.object[e.start]:02x} at position {e.start}"
 
 
 def _csv_record(rec: dict) -> dict:

@@ -801,11 +801,12 @@ def load_checkpoint(folder: Path, policy_value: PolicyValue, optimizer, rank: in
     folder = Path(folder)
     load_adapter_weights(policy_value.model, POLICY, folder / "adapter")
     load_value_head(policy_value.value_head, folder / "value_head.safetensors")
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+    # weights_only: tensors and plain numbers, never a pickle that runs code (checkpoints may come from a shared folder)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     saved = json.loads((folder / "state.json").read_text())
     rng = folder / f"rng_state_{rank}.pt"
     if rng.exists():
-        rng = torch.load(rng, weights_only=False)
+        rng = torch.load(rng, weights_only=True)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
     return LoopState(update=saved["update"], beta=saved["beta"], moments=RunningMoments(**saved["moments"]),
