@@ -76,7 +76,7 @@ def check_project(project: Path) -> None:
                 "outputs/try/safety_eval/metrics.json"):
         assert (project / rel).exists(), rel
     sft = (project / "outputs/try/data/sft_train.jsonl").read_text()
-    assert "You are a cooking assistant." in sft and "tax" not in sft.lower()
+    assert "You are a cooking assistant." in sft and "You are a tax assistant" not in sft
     assert "Sorry, I can only help with cooking questions, not " in sft  # the card's own refusals
     stats = (project / "outputs/try/data/stats.json").read_text()
     for source in ("off_scope_pool", "harm_pool", "attacks", "eval_attacks", "near_miss", "harmful"):

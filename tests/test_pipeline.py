@@ -28,15 +28,44 @@ def test_pipeline_runs_chain_then_skips(tmp_path, capsys):
     assert rm_cfg["trainer"]["max_steps"] == 2 and rm_cfg["trainer"]["max_length"] == 320  # the shared ones reached it
 
     stamp = (root / "sft" / "manifest.json").read_text()
-    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe")
+    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe", 'pipeline.overrides.sft=["trainer.max_steps=3"]')
     assert set(out["timings"].values()) == {"skipped"}
     assert (root / "sft" / "manifest.json").read_text() == stamp
     took = json.loads(stamp)["seconds"]
     rerun = (root / "report.md").read_text()  # the times the stages took when they ran survive a rerun
     assert f"| sft | skipped (took {took:.0f}) |" in rerun and "all stages as run:" in rerun
 
-    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe", "pipeline.force=[safety_eval]")
+    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe", 'pipeline.overrides.sft=["trainer.max_steps=3"]',
+                    "pipeline.force=[safety_eval]")
     assert out["timings"]["safety_eval"] != "skipped" and out["timings"]["sft"] == "skipped"
+
+
+def test_pipeline_redoes_exactly_what_is_stale(tmp_path, caplog):
+    run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=st", "pipeline.stages=[data,sft,rm,dpo]")
+    root = tmp_path / "st"
+    # one upstream option changed: that stage and everything after it, nothing before, and the log says why
+    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=st", "pipeline.stages=[data,sft,rm,dpo]",
+                    "rm.tie_epsilon=0.01")
+    assert out["timings"]["data"] == out["timings"]["sft"] == "skipped"
+    assert out["timings"]["rm"] != "skipped" and out["timings"]["dpo"] != "skipped"
+    assert "rm is out of date (rm.tie_epsilon changed)" in caplog.text
+    # a stage redone on its own makes the stages built on it stale (the parents' hashes no longer match)
+    dpo_stamp = (root / "dpo" / "manifest.json").read_text()
+    run_stage(tmp_path, "stage=sft", *FAST, "run.name=st", "run.overwrite=true", "trainer.learning_rate=1e-3")
+    caplog.clear()
+    sft_lr = 'pipeline.overrides.sft=["trainer.learning_rate=1e-3"]'  # the same sft, and nothing else changed
+    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=st", "pipeline.stages=[data,sft,rm,dpo]",
+                    "rm.tie_epsilon=0.01", sft_lr)
+    assert out["timings"]["sft"] == "skipped" and out["timings"]["rm"] != "skipped"
+    assert "rm is out of date (its parent sft" in caplog.text
+    assert (root / "dpo" / "manifest.json").read_text() != dpo_stamp
+    # force=[x] redoes x and everything downstream
+    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=st", "pipeline.stages=[data,sft,rm,dpo]",
+                    "rm.tie_epsilon=0.01", sft_lr, "pipeline.force=[rm]")
+    assert [out["timings"][s] == "skipped" for s in ("data", "sft", "rm", "dpo")] == [True, True, False, False]
+    # report.md names what the stages were built from, read from their manifests
+    base = json.loads((root / "sft" / "manifest.json").read_text())["base_model"]
+    assert f"Base model `{base}`" in (root / "report.md").read_text()
 
 
 def test_failing_stage_stops_with_one_line_and_rerun_resumes(tmp_path):

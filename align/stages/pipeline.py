@@ -74,16 +74,23 @@ def run(cfg) -> dict:
     unknown = [s for s, o in cfg.pipeline.overrides.items() if o and s not in stages]
     if unknown:
         raise AlignError(f"pipeline.overrides: {unknown[0]!r} is not in this pipeline ({', '.join(stages)})")
+    composed = {}
     for stage in stages:  # a bad value in a late stage's overrides fails now, not after minutes of training
         try:
-            checks.check(compose_stage(cfg, stage, []))
+            composed[stage] = compose_stage(cfg, stage, [])
+            checks.check(composed[stage])
         except AlignError as exc:
             raise AlignError(f"pipeline stage {stage}: {exc}") from exc
     timings: dict[str, float | str] = {}
     earlier: dict[str, float] = {}  # seconds a skipped stage took when it ran, from its manifest
     started = time.time()
-    for stage in stages:
+    for i, stage in enumerate(stages):
         out = runs.stage_dir(cfg, stage)
+        why = None if stage in redo or not runs.is_finished(out) else stale(composed[stage], stage, out)
+        if why:
+            log.warning("pipeline: %s is out of date (%s); redoing it and the stages after it", stage, why)
+        if why or stage in redo:
+            redo |= set(stages[i:])  # everything downstream was built on the old outputs
         if runs.is_finished(out) and stage not in redo:
             log.info("pipeline: %s already finished (%s), skipping", stage, out)
             timings[stage] = "skipped"
@@ -113,16 +120,86 @@ def run(cfg) -> dict:
     return {"timings": timings}
 
 
+# sections of the config a stage does not read: changing them never makes its outputs stale
+NOT_READ = ("run", "pipeline", "tracking", "hydra")
+OWN_SECTION = {"sft": "sft", "rm": "rm", "dpo": "dpo", "kto": "kto", "ppo": "ppo", "grpo": "grpo",
+               "safety_eval": "eval", "export": "export", "generate": "generate"}
+
+
+# the data build reads only these (the trainer's max_length there only feeds the length-budget report)
+DATA_READS = ("seed", "model", "data", "scope", "stage")
+
+
+def _relevant(config: dict, stage: str) -> dict:
+    if stage == "data":
+        return {k: v for k, v in config.items() if k in DATA_READS}
+    others = {v for k, v in OWN_SECTION.items() if k != stage} - {"eval"}  # eval: generation settings, read by many
+    return {k: v for k, v in config.items() if k not in NOT_READ and k not in others}
+
+
+def _first_difference(old, new, prefix: str = "") -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if old == new else prefix.rstrip(".")
+
+
+def stale(stage_cfg, stage: str, out: Path) -> str | None:
+    """Why a finished stage no longer matches what this pipeline would build (None: up to date): a config key it
+    reads changed, a parent folder's content changed since it was recorded, or the data build changed."""
+    from omegaconf import OmegaConf
+
+    saved_file = out / "config.yaml"
+    if saved_file.exists():
+        saved = OmegaConf.to_container(OmegaConf.load(saved_file))
+        key = _first_difference(_relevant(saved, stage), _relevant(runs.config_dict(stage_cfg), stage))
+        if key:
+            return f"{key} changed"
+    manifest = runs.read_manifest(out)
+    for name, parent in (manifest.get("parents") or {}).items():
+        path = Path(parent.get("path", ""))
+        if path.exists() and runs.hash_folder(path) != parent.get("sha256"):
+            return f"its parent {name} ({path}) changed"
+    data = out.parent / "data"
+    recorded = manifest.get("data_fingerprint")
+    if stage != "data" and recorded and runs.is_finished(data) and (data / "stats.json").exists():
+        if json.loads((data / "stats.json").read_text()).get("fingerprint") != recorded:
+            return "the data build changed"
+    return None
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
+
+
+def _facts(root: Path, stages: list[str]) -> dict:
+    """What the finished stages were built from, read from their manifests and saved configs (never today's cfg)."""
+    from omegaconf import OmegaConf
+
+    facts: dict = {}
+    for s in stages:
+        out = root / s
+        if not runs.is_finished(out):
+            continue
+        manifest = runs.read_manifest(out)
+        if s != "data" and "base_model" not in facts:
+            facts.update(base_model=manifest.get("base_model"), peft_method=manifest.get("peft_method"))
+        if "recipe" not in facts and (out / "config.yaml").exists():
+            saved = OmegaConf.load(out / "config.yaml")
+            facts.update(recipe=saved.data.recipe, scope=saved.scope.name)
+    return facts
 
 
 def summarize(cfg, stages: list[str], timings: dict, total: float, earlier: dict | None = None) -> str:
     earlier = earlier or {}
     root = Path(cfg.run.output_dir) / cfg.run.name
+    facts = _facts(root, stages)
     lines = [f"# align pipeline: {cfg.run.name}", "",
-             f"Base model `{cfg.model.name_or_path}`, peft `{cfg.peft.method}`, data `{cfg.data.recipe}`, "
-             f"scope `{cfg.scope.name}`.", ""]
+             f"Base model `{facts.get('base_model')}`, peft `{facts.get('peft_method')}`, data "
+             f"`{facts.get('recipe')}`, scope `{facts.get('scope')}` (from the stages' manifests and configs).", ""]
     ev = root / "safety_eval" / "metrics.json"
     if "safety_eval" in stages and ev.exists():
         m = json.loads(ev.read_text())
