@@ -267,7 +267,7 @@ def _git_revision() -> str | None:
 
 
 def _world_size() -> int:
-    from align.training import distributed_state
+    from align.distributed import distributed_state
 
     return distributed_state().num_processes
 

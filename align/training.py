@@ -8,20 +8,9 @@ from pathlib import Path
 import torch
 
 from align import AlignError, adapters, models, runs
+from align.distributed import distributed_state, is_main_process  # noqa: F401 (stages call training.*)
 
 log = logging.getLogger(__name__)
-
-
-def distributed_state():
-    """accelerate's process state. On CPU it must be created with cpu=True, or under torchrun every
-    process believes it is alone and trains on its own; the first call fixes it for the whole process."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def is_main_process() -> bool:
-    return distributed_state().is_main_process
 
 
 def trainer_args(cfg, out: Path, tracker, config_cls, has_eval: bool, **stage_kwargs):

@@ -5,6 +5,7 @@ that names the file and line. Extra keys are an error unless listed in EXTRA_KEY
 typo such as "mesages" or "respones" must not pass silently as an unused column.
 """
 
+import re
 KINDS = ("sft", "preference", "prompt", "safety", "scope_eval")
 ROLES = ("system", "user", "assistant")
 LABELS = ("safe", "unsafe")
@@ -196,3 +197,8 @@ def category_of(row: dict, kind: str):
     if kind == "scope_eval":
         return row["category"]
     return None
+
+
+def slug(name: str) -> str:
+    """'Criminal Planning/Confessions' -> 'criminal_planning_confessions' (category names from public sets)."""
+    return re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_") or "other"

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from align import AlignError
 from align.data import formats
-from align.data.sources import slug
+from align.data.formats import slug
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 from align import AlignError
 from align.config import SourceConfig
 from align.data import formats
+from align.data.formats import slug
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +171,6 @@ def read_hub(src) -> Iterator[tuple[str, object]]:
 
 
 # --- helpers for adapters -----------------------------------------------------------------------
-
-def slug(name: str) -> str:
-    """'Criminal Planning/Confessions' -> 'criminal_planning_confessions'."""
-    return re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_") or "other"
-
 
 def _truthy(value) -> bool:
     if isinstance(value, str):
