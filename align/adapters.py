@@ -7,6 +7,8 @@ bitfit (bias terms only) and freeze (the last peft.freeze_last_n blocks plus the
 
 import logging
 
+from pathlib import Path
+
 import torch
 
 from align import AlignError
@@ -135,14 +137,14 @@ def attach(model, pcfg, task_type: str = "CAUSAL_LM", init_from: str | None = No
            stage: str | None = None):
     """Wrap the base with a new adapter, or with the adapter saved at `init_from`; for bitfit and freeze,
     set requires_grad on the model's own weights instead."""
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     check_supported(pcfg, task_type, stage, init_from, trainable)
     if pcfg.load_in_4bit and trainable:
         # keeps norms in fp32 and enables input grads; checkpointing is the trainer's decision
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if init_from:
-        return PeftModel.from_pretrained(model, init_from, is_trainable=trainable)
+        return load(model, init_from, is_trainable=trainable)
     config = peft_config(pcfg, task_type, model)
     if config is None:
         if pcfg.load_in_4bit:
@@ -153,6 +155,37 @@ def attach(model, pcfg, task_type: str = "CAUSAL_LM", init_from: str | None = No
             return freeze(model, pcfg.freeze_last_n, task_type)
         return model
     return get_peft_model(model, config)
+
+
+def load(model, path, **kwargs):
+    """PeftModel.from_pretrained with one-line errors: an adapter trained on another base names both bases; broken
+    or missing adapter files name the folder (instead of a size-mismatch or safetensors traceback)."""
+    import json
+
+    from peft import PeftModel
+
+    folder = Path(path)
+    config_file = folder / "adapter_config.json"
+    if not config_file.exists():
+        raise AlignError(f"{folder}: no adapter_config.json; is this an adapter folder (a stage's adapter/)?")
+    try:
+        trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AlignError(f"{config_file}: unreadable ({e}); rerun the stage that wrote it") from None
+    try:
+        return PeftModel.from_pretrained(model, str(folder), **kwargs)
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        base = getattr(model.config, "_name_or_path", "?")
+        raise AlignError(f"{folder}: this adapter was trained on {trained_on}, not on the base loaded now ({base}); "
+                         f"pass the model= it was trained with") from None
+    except Exception as e:  # safetensors' own error types vary by version: name the folder, not the traceback
+        if type(e).__name__ not in ("SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "InvalidHeader") and \
+                "safetensors" not in f"{type(e).__module__} {e}".lower():
+            raise
+        raise AlignError(f"{folder}: the adapter weights are unreadable ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:120]}); rerun the stage that wrote it") from None
 
 
 def _head_names(model) -> list[str]:

@@ -302,3 +302,26 @@ def test_sft_killed_mid_run_and_resumed_ends_with_the_uninterrupted_adapter(tmp_
     assert whole.keys() == cut.keys()
     for key in whole:
         assert torch.allclose(whole[key], cut[key], atol=1e-6), key
+
+
+@pytest.mark.embedded
+def test_an_adapter_from_another_base_or_a_broken_one_is_one_line(finished, tmp_path):
+    adapter = finished / "base" / "sft" / "adapter"
+    res = cli("stage=safety_eval", "model=smollm2_135m", "tracking=none", f"eval.adapter={adapter}",
+              "eval.max_prompts=2", "eval.compare_base=false", f"run.output_dir={tmp_path}", "run.name=x")
+    assert res.returncode == 2 and one_error_line(res.stderr), res.stderr[-1500:]
+    assert f"{adapter}: this adapter was trained on" in res.stderr and "not on the base loaded now" in res.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter, broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    res = cli("stage=safety_eval", *TINY, f"eval.adapter={broken}", "eval.max_prompts=2", "eval.compare_base=false",
+              f"run.output_dir={tmp_path}", "run.name=y", "data=instructions", "scope=none",
+              f"eval.prompts=[{ROOT}/data_recipes/tax_assistant/dev.jsonl]")
+    assert res.returncode == 2 and one_error_line(res.stderr), res.stderr[-1500:]
+    assert f"{broken}: the adapter weights are unreadable" in res.stderr
+
+
+def one_error_line(stderr: str) -> bool:
+    """One `error:` line and no traceback (model-loading progress bars may come before it)."""
+    return sum(line.startswith("error:") for line in stderr.splitlines()) == 1 and "Traceback" not in stderr

@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from align import AlignError
+from align import AlignError, adapters
 from align.rl import kl as klmod
 
 log = logging.getLogger(__name__)
@@ -268,13 +268,11 @@ def disable_dropout(model: nn.Module) -> None:
 def load_policy(cfg, tokenizer, sft_adapter: Path | str, device=None):
     """The base (4-bit if cfg.peft.load_in_4bit) with the SFT adapter twice: "policy" (trainable) and
     "ref" (frozen reference). Dropout off. Returns the PeftModel with "policy" active."""
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     from align import models
 
     sft_adapter = Path(sft_adapter)
-    from align import adapters
-
     adapters.check_supported(cfg.peft, stage="ppo", init_from=sft_adapter)
     if cfg.peft.method == "full" or not (sft_adapter / "adapter_config.json").exists():
         raise AlignError(f"ppo trains a LoRA-family adapter on a frozen base: {sft_adapter} is not a PEFT adapter "
@@ -284,7 +282,7 @@ def load_policy(cfg, tokenizer, sft_adapter: Path | str, device=None):
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     elif device is not None:
         base = base.to(device)
-    model = PeftModel.from_pretrained(base, str(sft_adapter), adapter_name=POLICY, is_trainable=True)
+    model = adapters.load(base, sft_adapter, adapter_name=POLICY, is_trainable=True)
     model.load_adapter(str(sft_adapter), adapter_name=REF, is_trainable=False)
     model.set_adapter(POLICY)
     disable_dropout(model)

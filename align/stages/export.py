@@ -3,14 +3,12 @@
 import logging
 import time
 
-from align import AlignError, models, runs
+from align import AlignError, adapters, models, runs
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg) -> dict:
-    from peft import PeftModel
-
     started = time.time()
     source = runs.adapter_of(
         runs.find_parent(cfg, runs.policy_stages(cfg.export.adapter_stage), cfg.stage.init_from, needed_by="export")
@@ -22,7 +20,7 @@ def run(cfg) -> dict:
     out = runs.prepare(cfg, "export")
     tokenizer = models.load_tokenizer(cfg.model)
     base = models.load_model(cfg, "causal", tokenizer)
-    merged = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
+    merged = adapters.load(base, source).merge_and_unload()
     target = out / "model"
     merged.save_pretrained(target, safe_serialization=cfg.export.safe_serialization)
     tokenizer.save_pretrained(target)

@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from align import AlignError, models, runs
+from align import AlignError, adapters, models, runs
 from align.generation import chat_generate, scope_conversations
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,10 @@ def adapter_paths(cfg) -> dict[str, Path]:
 
 def load_adapters(model, paths: dict[str, Path]):
     """All adapters on one base: the first wraps it, the rest are added beside it."""
-    from peft import PeftModel
-
     names = list(paths)
     if not names:
         return model
-    model = PeftModel.from_pretrained(model, str(paths[names[0]]), adapter_name=names[0])
+    model = adapters.load(model, paths[names[0]], adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(str(paths[name]), adapter_name=name)
     return model

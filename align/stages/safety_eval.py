@@ -12,7 +12,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from align import AlignError, models, runs, tracking
+from align import AlignError, adapters, models, runs, tracking
 from align.data import recipes, scope as scope_mod, sources
 from align.evaluation import judges, metrics, report
 from align.generation import chat_generate, scope_conversations
@@ -75,8 +75,6 @@ def judged(rows, responses, verdicts, judge_name, phase) -> list[dict]:
 
 
 def run(cfg) -> dict:
-    from peft import PeftModel
-
     started = time.time()
     adapter = find_adapter(cfg)  # a wrong path fails before any folder is made or data built
     out = runs.prepare(cfg, "safety_eval")
@@ -85,7 +83,7 @@ def run(cfg) -> dict:
     full = adapter is not None and not is_adapter(adapter)
     model = models.load_model(cfg, "causal", tokenizer, path=adapter if full else None)
     if adapter is not None and not full:
-        model = PeftModel.from_pretrained(model, str(adapter))
+        model = adapters.load(model, adapter)
     convs = scope_conversations(cfg.scope.system_prompt, [r["prompt"] for r in rows])
     judge = make_judge(cfg)
     gold = judges.score_on_gold(judge, judges.load_rows(GOLD))
