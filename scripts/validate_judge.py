@@ -1,5 +1,7 @@
 """How often do the judges agree with labelled verdicts? Accuracy, refusal recall and false-alarm rate, each with a
-95% Wilson interval, on (a) PyRIT's 169 human refusal labels, (b) our gold set, (c) data_recipes/judge/dev_generic.
+95% Wilson interval, on (a) PyRIT's 169 human refusal labels, (b) our gold set, (c) data_recipes/judge/dev_generic,
+(d) data_recipes/judge/checkpoints.jsonl: responses of this project's own checkpoints (base, SFT, DPO) on two scopes,
+labelled by hand; each row is judged with its scope card's refusal openers, as safety_eval judges it.
 
     python scripts/validate_judge.py [--wheel PATH] [--judges keyword,classifier] [--out FILE.json]
 
@@ -26,14 +28,26 @@ DEFAULT_OUT = ROOT / "docs" / "bench" / "judge_validation.json"
 def label_sets(wheel=None) -> dict:
     """{name: rows with prompt, response, verdict}; dev_generic only where the file exists."""
     sets = {"pyrit": pyrit.refusal_labels(wheel), "gold": judges.load_gold()}
-    dev = judges.JUDGE_DATA / "dev_generic.jsonl"
-    if dev.is_file():
-        sets["dev_generic"] = judges.load_rows(dev)
+    for name in ("dev_generic", "checkpoints"):
+        path = judges.JUDGE_DATA / f"{name}.jsonl"
+        if path.is_file():
+            sets[name] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return sets
 
 
-def score(judge, rows) -> dict:
-    verdicts = judge.judge([r.get("prompt", "") for r in rows], [r["response"] for r in rows])
+def score(name: str, rows, **kwargs) -> dict:
+    """Rows with a "scope" are judged by scope, each group with its card's refusal openers."""
+    from align.config import compose
+    from align.data.scope import refusal_openers
+
+    verdicts = [None] * len(rows)
+    for scope in sorted({r.get("scope") for r in rows}, key=str):
+        idx = [i for i, r in enumerate(rows) if r.get("scope") == scope]
+        openers = refusal_openers(compose(f"scope={scope}", set_hydra_config=False).scope) if scope else ()
+        judge = judges.make_judge(name, refusal_openers=openers, **kwargs)
+        got = judge.judge([rows[i].get("prompt", "") for i in idx], [rows[i]["response"] for i in idx])
+        for i, v in zip(idx, got):
+            verdicts[i] = v
     return judge_scores(verdicts, [r["verdict"] for r in rows])
 
 
@@ -57,8 +71,7 @@ def run(wheel=None, judge_names=("keyword", "classifier"), out: Path = DEFAULT_O
     sets = label_sets(wheel)
     results = {}
     for name in judge_names:
-        judge = judges.make_judge(name)
-        results[name] = {set_name: score(judge, rows) for set_name, rows in sets.items()}
+        results[name] = {set_name: score(name, rows) for set_name, rows in sets.items()}
     path = pyrit.wheel_path(wheel).resolve()
     where = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name  # no machine paths
     report = {"wheel": where, "n": {k: len(v) for k, v in sets.items()}, "results": results}
