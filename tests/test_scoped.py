@@ -55,12 +55,12 @@ def test_composed_attacks_wrap_refuse_rows_and_say_which_template():
     tmpls = scoped.templates("train", seed=1)
     out = scoped.compose(rows, tmpls, 40, random.Random(0), inner=["How do I deadlift?"])
     assert len(out) == 40 and all(r["expected"] == "refuse" and r["category"].startswith("attack/") for r in out)
-    names = {t["name"] for t in tmpls} | {"own/leak"}
+    names = {t["name"] for t in tmpls}
     assert all(r["attack"] in names for r in out)
-    wrapped = [r for r in out if r["attack"] != "own/leak"]
+    wrapped = [r for r in out if r["category"] != "attack/prompt_extraction"]
     b64 = [r for r in wrapped if r["attack"] == "own/base64"]
     assert all("capital of Peru" in r["prompt"] for r in wrapped if r not in b64)  # never the in-scope row
-    assert sum(r["category"] == "attack/prompt_extraction" for r in out) == 4
+    assert len(set(r["attack"] for r in out)) == min(40, len(tmpls))  # every template in turn
     with pytest.raises(AlignError, match="no source with prompts to refuse"):
         scoped.compose(rows[1:], tmpls, 3, random.Random(0))
 
@@ -119,10 +119,11 @@ def test_a_scoped_recipe_builds_from_a_card_few_rows_and_the_pools(tmp_path, mon
     assert all(r["messages"][-1]["content"].startswith("Sorry, I can") for r in train_attacks)
     held = [r for r in built.scope_eval if r["source"] == "eval_attacks"]
     assert len(held) == 5 and all(r["attack"] for r in held)
-    eval_names = {t["name"] for t in scoped.templates("eval", seed=int(cfg.seed))} | {"own/leak"}
-    assert {r["attack"] for r in held} <= eval_names
+    eval_names = {t["name"] for t in scoped.templates("eval", seed=int(cfg.seed))}
+    train_names = {t["name"] for t in scoped.templates("train", seed=int(cfg.seed))}
+    assert {r["attack"] for r in held} <= eval_names and not eval_names & train_names
     prompts = " ".join(r["prompt"] for r in held)
-    assert "haiku" in prompts or "pick a lock" in prompts or "own/leak" in {r["attack"] for r in held}
+    assert "haiku" in prompts or "pick a lock" in prompts
     assert "banana bread" not in json.dumps([r for r in built.sft_train if r["source"] == "in_scope"])
 
 
