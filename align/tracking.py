@@ -6,11 +6,12 @@ Only the main process logs.
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from align import AlignError
-from align.runs import config_dict
+from align.runs import config_dict, scrub_override
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,17 @@ def start(cfg, stage: str, main_process: bool = True) -> Tracker:
         raise AlignError(f"tracking.mode: expected auto, online, offline or disabled, got {tcfg.mode!r}")
     root = Path(cfg.run.output_dir) / cfg.run.name
     root.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(
+    # W&B records the command line in the run's metadata: it gets the redacted one (hub_token=<redacted>)
+    argv, sys.argv = sys.argv, [scrub_override(a) for a in sys.argv]
+    try:
+        run = _init(wandb, cfg, tcfg, stage, root, mode)
+    finally:
+        sys.argv = argv
+    return Tracker(run=run, report_to=["wandb"])
+
+
+def _init(wandb, cfg, tcfg, stage: str, root: Path, mode: str):
+    return wandb.init(
         project=tcfg.project,
         entity=tcfg.entity,
         group=cfg.run.name,
@@ -88,4 +99,3 @@ def start(cfg, stage: str, main_process: bool = True) -> Tracker:
         reinit="finish_previous",
         settings=wandb.Settings(silent=True, console="off"),
     )
-    return Tracker(run=run, report_to=["wandb"])

@@ -290,3 +290,9 @@ def test_a_utf8_bom_is_read_and_a_bad_byte_is_one_line(tmp_path):
         sources.load_source(SourceConfig(name="x", path=str(tmp_path / "bad.jsonl"), kind="sft"))
     skipped = sources.load_source(SourceConfig(name="x", path=str(tmp_path / "bad.jsonl"), kind="sft"), "skip")
     assert (len(skipped.rows), skipped.bad) == (1, 1)
+
+
+def test_an_empty_file_is_one_line(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(AlignError, match=r"data source 'e': .*empty.jsonl has no rows; add rows or remove the source"):
+        sources.load_source(SourceConfig(name="e", path=str(tmp_path / "empty.jsonl"), kind="sft"))

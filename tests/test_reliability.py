@@ -351,3 +351,15 @@ def test_an_adapter_from_another_base_or_a_broken_one_is_one_line(finished, tmp_
 def one_error_line(stderr: str) -> bool:
     """One `error:` line and no traceback (model-loading progress bars may come before it)."""
     return sum(line.startswith("error:") for line in stderr.splitlines()) == 1 and "Traceback" not in stderr
+
+
+def test_a_token_on_the_command_line_reaches_no_file_wandb_included(tmp_path):
+    """The W&B run (offline) records the command line and the config; neither may carry the token, nor any other
+    file of the run folder (Hydra's logs, config.yaml, manifest, adapter)."""
+    res = cli(*SFT, "tracking=wandb", "tracking.mode=offline", "run.name=w", f"run.output_dir={tmp_path}",
+              "trainer.max_steps=1", f"+trainer.extra.hub_token={SECRET}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    files = [p for p in (tmp_path / "w").rglob("*") if p.is_file()]
+    assert any("wandb-metadata.json" in p.name for p in files) or any("offline-run" in str(p) for p in files)
+    leaked = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
+    assert not leaked, leaked

@@ -479,6 +479,8 @@ def load_source(src, on_bad_rows: str = "error") -> Loaded:
             out.first_bad = out.first_bad or msg
             continue
         out.rows.extend(rows)
+    if out.read == 0 and path is not None:  # an empty file would build a "finished" stage with nothing in it
+        raise AlignError(f"data source '{src.name}': {path} has no rows; add rows or remove the source from the recipe")
     if out.bad:
         log.warning("data source '%s': skipped %d bad row(s) of %d; first: %s", src.name, out.bad, out.read,
                     out.first_bad)
