@@ -518,9 +518,10 @@ def build(cfg, tokenizer=None) -> Built:
         raise AlignError(f"data.over_refusal_topic must be own, off_scope or mixed, "
                          f"got {cfg.data.over_refusal_topic!r}")
     if cfg.data.scope and cfg.data.scope != cfg.scope.name:
-        raise AlignError(f"data recipe '{cfg.data.recipe}' is written for scope '{cfg.data.scope}', but scope="
-                         f"{cfg.scope.name} is composed: pass scope={cfg.data.scope} (or drop scope=), or set "
-                         f"data.scope=null to build it under any scope")
+        raise AlignError(f"data recipe '{cfg.data.recipe}' is written for scope '{cfg.data.scope}', but the scope "
+                         f"composed is named '{cfg.scope.name}': pass scope={cfg.data.scope} (or drop scope=), check "
+                         f"that conf/scope/{cfg.data.scope}.yaml says name: {cfg.data.scope}, or set data.scope=null "
+                         f"to build it under any scope")
     scope_mod.check_templates(cfg.scope)
     if not 0 <= cfg.data.eval_fraction < 1:
         raise AlignError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
