@@ -303,31 +303,39 @@ def test_hydra_logs_are_scrubbed(tmp_path):
 def test_sft_killed_mid_run_and_resumed_ends_with_the_uninterrupted_adapter(tmp_path):
     """kill -9 after checkpoint 2 of 4, then run.resume=true: the adapter matches an uninterrupted run's (TRL restores
     the optimizer, scheduler, RNG and data position; equal within float tolerance, in practice bit for bit)."""
-    from safetensors.torch import load_file
-
     args = [*SFT, "trainer.max_steps=4", "trainer.save_steps=1"]
     run_stage(tmp_path, *args, "run.name=whole")
-    proc = subprocess.Popen([sys.executable, "-m", "align", *args, "run.name=cut", f"run.output_dir={tmp_path}"],
+    kill_after_checkpoint(args, tmp_path, tmp_path / "cut" / "sft", 2)
+    run_stage(tmp_path, *args, "run.name=cut", "run.resume=true")
+    assert_same_adapter(tmp_path / "whole" / "sft", tmp_path / "cut" / "sft")
+
+
+def kill_after_checkpoint(args: list, root: Path, out: Path, step: int) -> None:
+    """Start `python -m align <args> run.name=cut` and SIGKILL it as soon as checkpoint-<step> is complete."""
+    proc = subprocess.Popen([sys.executable, "-m", "align", *args, "run.name=cut", f"run.output_dir={root}"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"})
-    ckpt = tmp_path / "cut" / "sft" / "checkpoints" / "checkpoint-2"
     try:
         deadline = time.time() + 300
-        while not runs.last_checkpoint(tmp_path / "cut" / "sft") == str(ckpt) and time.time() < deadline:
+        while runs.last_checkpoint(out) != str(out / "checkpoints" / f"checkpoint-{step}") and time.time() < deadline:
             if proc.poll() is not None:
                 break
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert not runs.is_finished(tmp_path / "cut" / "sft"), "the run finished before it could be killed"
-    assert runs.last_checkpoint(tmp_path / "cut" / "sft") is not None
-    run_stage(tmp_path, *args, "run.name=cut", "run.resume=true")
-    whole = load_file(str(tmp_path / "whole" / "sft" / "adapter" / "adapter_model.safetensors"))
-    cut = load_file(str(tmp_path / "cut" / "sft" / "adapter" / "adapter_model.safetensors"))
-    assert whole.keys() == cut.keys()
-    for key in whole:
-        assert torch.allclose(whole[key], cut[key], atol=1e-6), key
+    assert not runs.is_finished(out), "the run finished before it could be killed"
+    assert runs.last_checkpoint(out) is not None
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    first = load_file(str(a / "adapter" / "adapter_model.safetensors"))
+    second = load_file(str(b / "adapter" / "adapter_model.safetensors"))
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.allclose(first[key], second[key], atol=1e-6), key
 
 
 @pytest.mark.embedded
@@ -367,32 +375,12 @@ def test_a_token_on_the_command_line_reaches_no_file_wandb_included(tmp_path):
 
 def test_dpo_killed_mid_run_and_resumed_ends_with_the_uninterrupted_adapter(tmp_path):
     """The same for dpo, from one SFT adapter: kill -9 after checkpoint 2 of 4, resume, compare."""
-    from safetensors.torch import load_file
-
     fast = [*TINY, "data.max_rows=16", "trainer.max_length=320", "eval.max_new_tokens=6",
             "trainer.per_device_train_batch_size=2", "trainer.learning_rate=1e-3"]
     run_stage(tmp_path, "stage=sft", *fast, "run.name=whole", "trainer.max_steps=2")
     shutil.copytree(tmp_path / "whole" / "sft", tmp_path / "cut" / "sft")
     dpo = ["stage=dpo", *fast, "trainer.max_steps=4", "trainer.save_steps=1"]
     run_stage(tmp_path, *dpo, "run.name=whole")
-    proc = subprocess.Popen([sys.executable, "-m", "align", *dpo, "run.name=cut", f"run.output_dir={tmp_path}"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"})
-    out = tmp_path / "cut" / "dpo"
-    try:
-        deadline = time.time() + 300
-        while runs.last_checkpoint(out) != str(out / "checkpoints" / "checkpoint-2") and time.time() < deadline:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert not runs.is_finished(out), "the run finished before it could be killed"
-    assert runs.last_checkpoint(out) is not None
+    kill_after_checkpoint(dpo, tmp_path, tmp_path / "cut" / "dpo", 2)
     run_stage(tmp_path, *dpo, "run.name=cut", "run.resume=true")
-    whole = load_file(str(tmp_path / "whole" / "dpo" / "adapter" / "adapter_model.safetensors"))
-    cut = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    assert whole.keys() == cut.keys()
-    for key in whole:
-        assert torch.allclose(whole[key], cut[key], atol=1e-6), key
+    assert_same_adapter(tmp_path / "whole" / "dpo", tmp_path / "cut" / "dpo")
