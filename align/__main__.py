@@ -83,6 +83,19 @@ def _valid_keys(err) -> str:
     return ""
 
 
+def _check_run_name_override(args: list[str]) -> None:
+    """A run.name given on the command line is checked before Hydra creates its log folder under it."""
+    from types import SimpleNamespace
+
+    from align.checks import check_run_name
+
+    names = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0] == "run.name"]
+    dirs = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0] == "run.output_dir"]
+    for name in names:
+        if "," not in name:  # a sweep (a,b) is checked per job, after Hydra splits it
+            check_run_name(SimpleNamespace(run=SimpleNamespace(name=name, output_dir=(dirs or ["outputs"])[-1])))
+
+
 def quiet_libraries() -> None:
     """Deprecation chatter from dependencies hides the progress bars and metrics users came for."""
     import warnings
@@ -102,6 +115,7 @@ def main() -> None:
 
     try:
         check_user_configs()  # before Hydra composes anything: it would instantiate a callback at job start
+        _check_run_name_override(sys.argv[1:])  # before Hydra makes ${run.output_dir}/${run.name}/logs
     except AlignError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

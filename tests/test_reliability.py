@@ -130,6 +130,7 @@ def test_run_name_outside_output_dir_is_refused(tmp_path, name):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "run.name" in lines[0], res.stderr
     assert not list(tmp_path.rglob("sft")) and not list(tmp_path.rglob("manifest.json"))
+    assert not list(tmp_path.rglob("logs"))  # checked before Hydra makes <output_dir>/<name>/logs
 
 
 # ---------------------------------------------------------------------------------------------- overwrite swap
