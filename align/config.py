@@ -323,12 +323,22 @@ def compose(*overrides: str, set_hydra_config: bool = True):
     return cfg
 
 
-def stage_view(stage: str):
-    """The config `python -m align stage=<stage>` would compose with this process's command-line overrides (the data
-    stage reports the SFT stage's length budget). Inside a Hydra app it reuses the app's config search path."""
+def compose_in_app(overrides: list[str]):
+    """Compose `overrides` inside a running app (its config search path), or on the packaged configs outside one."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+
+    register()
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose("config", overrides=overrides)
+    with initialize_config_module("align.conf", version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+def stage_view(stage: str):
+    """The config `python -m align stage=<stage>` would compose with this process's command-line overrides (the data
+    stage reports the SFT stage's length budget)."""
     from hydra.core.hydra_config import HydraConfig
 
     from align.userconf import with_data_scope
@@ -337,9 +347,4 @@ def stage_view(stage: str):
         task = list(HydraConfig.get().overrides.task)
     except ValueError:  # composed outside an app without its Hydra config: the defaults
         task = []
-    overrides = with_data_scope([o for o in task if not o.startswith("stage=")] + [f"stage={stage}"])
-    register()
-    if GlobalHydra.instance().is_initialized():
-        return hydra_compose("config", overrides=overrides)
-    with initialize_config_module("align.conf", version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
+    return compose_in_app(with_data_scope([o for o in task if not o.startswith("stage=")] + [f"stage={stage}"]))

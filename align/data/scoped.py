@@ -12,6 +12,7 @@ generated sources, each a source entry like any other, so the stats table counts
 """
 
 import base64
+import functools
 import hashlib
 import random
 from collections import Counter
@@ -83,6 +84,14 @@ def _side(name: str, eval_fraction: float, seed: int) -> str:
     return "eval" if h < eval_fraction else "train"
 
 
+@functools.lru_cache(maxsize=4)
+def _pyrit_templates(where: str) -> tuple:
+    """PyRIT's templates, read and rendered once per process (a build composes the train and the eval side)."""
+    from align.data import pyrit
+
+    return tuple(pyrit.jailbreak_templates(where))
+
+
 def templates(side: str, seed: int, eval_fraction: float = 0.25, max_words: int | None = None,
               wheel=None) -> list[dict]:
     """{name, kind, text} templates of one side; PyRIT's ({{ prompt }} slot) and ours ({prompt}) alike."""
@@ -92,7 +101,7 @@ def templates(side: str, seed: int, eval_fraction: float = 0.25, max_words: int 
         raise AlignError(f"compose:attacks: options.templates must be train or eval, got {side!r}")
     limit = max_words if max_words is not None else (TRAIN_MAX_WORDS if side == "train" else EVAL_MAX_WORDS)
     out = []
-    for t in pyrit.jailbreak_templates(wheel):
+    for t in _pyrit_templates(str(pyrit.wheel_path(wheel).resolve())):
         if _side(t["name"], eval_fraction, seed) == side and t["tokens_hint"] <= limit:
             out.append({"name": f"pyrit/{t['name']}", "kind": "jailbreak",
                         "text": t["text"].replace(pyrit.SLOT, "{prompt}")})

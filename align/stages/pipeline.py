@@ -52,18 +52,14 @@ def user_overrides() -> list[str]:
 
 
 def compose_stage(cfg, stage: str, extra: list[str]):
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    from align.config import compose_in_app
 
     own = list(cfg.pipeline.overrides.get(stage) or [])
     # precedence, lowest first: the stage's config, the policy's defaults, your shared overrides, your per-stage ones
     policy = list(cfg.pipeline.ppo_overrides.get(stage) or []) if cfg.pipeline.policy == "ppo" else []
     overrides = [*policy, *user_overrides(), *own, f"stage={stage}", f"run.name={cfg.run.name}",
                  f"run.output_dir={cfg.run.output_dir}", *extra]
-    if GlobalHydra.instance().is_initialized():
-        return compose("config", overrides=overrides)
-    with initialize_config_module("align.conf", version_base="1.3"):
-        return compose("config", overrides=overrides)
+    return compose_in_app(overrides)
 
 
 def run(cfg) -> dict:
