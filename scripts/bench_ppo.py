@@ -83,7 +83,7 @@ def child_align(a: dict) -> dict:
 
     from align import models
     from align.config import PpoConfig
-    from align.rl import ppo, reward
+    from align.rl import policy, ppo, reward
 
     torch.manual_seed(0)
     cfg = OmegaConf.create({"model": {"name_or_path": a["base"], "revision": None, "dtype": "float32",
@@ -91,16 +91,17 @@ def child_align(a: dict) -> dict:
                             "peft": {"method": "lora", "load_in_4bit": False}})
     tok = models.load_tokenizer(OmegaConf.create({"name_or_path": a["base"], "revision": None,
                                                   "trust_remote_code": False, "chat_template": None}))
-    model = ppo.load_policy(cfg, tok, a["sft"])
+    model = policy.load_policy(cfg.model, cfg.peft, tok, a["sft"])
     score_head = reward.load_reward(model, a["rm"])
-    pv = ppo.PolicyValue(model, ppo.new_value_head(model))
+    pv = policy.PolicyValue(model, policy.new_value_head(model))
     pcfg = PpoConfig(rollout_batch_size=a["batch"], mini_batch_size=a["mini"], ppo_epochs=a["epochs"],
                      num_updates=a["updates"], max_new_tokens=a["max_new_tokens"], temperature=0.7,
                      learning_rate=3e-6, kl_coef=0.05, missing_eos_penalty=1.0, reward_norm=False,
                      sample_every=0, save_every=0)
     prompts = [{"prompt": p} for p in json.loads(Path(a["prompts"]).read_text())]
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=a["mini"] // a["micro"])
-    state = ppo.train(pv, tok, prompts, reward.rollout_reward(model, score_head, tok), pcfg, accelerator, seed=0)
+    inputs = ppo.LoopInputs(tok, prompts, reward.rollout_reward(model, score_head, tok), seed=0)
+    state = ppo.train(pv, inputs, pcfg, accelerator)
     return {"seconds": [h["seconds"] for h in state.history],
             "response_length": statistics.mean(h["response_length"] for h in state.history)}
 

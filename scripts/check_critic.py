@@ -17,7 +17,7 @@ import torch
 from align import AlignError, models, runs
 from align.config import compose
 from align.data import recipes
-from align.rl import ppo
+from align.rl import policy
 
 
 def main(argv: list[str]) -> None:
@@ -28,13 +28,13 @@ def main(argv: list[str]) -> None:
     sft = runs.adapter_of(runs.find_parent(cfg, ("sft",), None, needed_by="check_critic"))
     tok = models.load_tokenizer(cfg.model)
     _, rows = recipes.load(cfg, "prompt", tok)  # the run's data folder when it matches the config, else rebuilt
-    model = ppo.load_policy(cfg, tok, sft)
-    ppo.load_adapter_weights(model, ppo.POLICY, run_ppo / "adapter")
-    head = ppo.new_value_head(model)
-    ppo.load_value_head(head, run_ppo / "value_head.safetensors")
-    critic = ppo.PolicyValue(model, head)
+    model = policy.load_policy(cfg.model, cfg.peft, tok, sft)
+    policy.load_adapter_weights(model, policy.POLICY, run_ppo / "adapter")
+    head = policy.new_value_head(model)
+    policy.load_value_head(head, run_ppo / "value_head.safetensors")
+    critic = policy.PolicyValue(model, head)
     values = {"answer": [], "refuse": []}
-    with torch.no_grad(), ppo.use_adapter(model, ppo.POLICY):
+    with torch.no_grad(), policy.use_adapter(model, policy.POLICY):
         for row in rows:
             if row.get("expected") not in values:
                 continue

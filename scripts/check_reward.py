@@ -20,7 +20,8 @@ from align.config import compose
 from align.data import scope, sources
 from align.evaluation.judges import REFUSED, make_judge
 from align.generation import chat_generate, scope_conversations
-from align.rl import ppo, reward
+from align.rl import reward
+from align.rl.policy import POLICY, load_policy, use_adapter
 
 DEV = "shipped:tax_assistant/dev.jsonl,shipped:tax_assistant/dev_b.jsonl"
 
@@ -31,12 +32,12 @@ def main(argv: list[str]) -> None:
     sft = runs.adapter_of(runs.find_parent(cfg, ("sft",), None, needed_by="check_reward"))
     rm = runs.adapter_of(runs.find_parent(cfg, ("rm",), None, needed_by="check_reward"))
     tok = models.load_tokenizer(cfg.model)
-    model = ppo.load_policy(cfg, tok, sft)
+    model = load_policy(cfg.model, cfg.peft, tok, sft)
     head = reward.load_reward(model, rm)
     rows = sources.load_scope_files(files, what="check_reward prompts")  # validated: a bad row names file:line
     convs = scope_conversations(cfg.scope.system_prompt, [r["prompt"] for r in rows])
     gen = dict(max_new_tokens=cfg.ppo.max_new_tokens, batch_size=cfg.eval.batch_size)
-    with ppo.use_adapter(model, ppo.POLICY):
+    with use_adapter(model, POLICY):
         own, _ = chat_generate(model, tok, convs, desc="greedy", **gen)
         forced, _ = chat_generate(model, tok, convs, desc="refusal barred", **gen,
                                   begin_suppress_tokens=negatives.refusal_openers(cfg, tok))

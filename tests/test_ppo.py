@@ -17,7 +17,7 @@ from conftest import ROOT, TINY, compose, run_stage
 from align import models, runs
 from align.data import recipes
 from align.config import PpoConfig
-from align.rl import ppo, reward
+from align.rl import losses, policy, ppo, reward, rollout
 
 STAGE = [*TINY, "run.name=t", "data=instructions", "scope=none"]
 PPO_FAST = ["stage=ppo", *STAGE, "ppo.num_updates=4", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=2",
@@ -98,7 +98,7 @@ def policy_with_reward(adapters_dir):
                             "peft": {"method": "lora", "load_in_4bit": False}})
     tok = models.load_tokenizer(OmegaConf.create({"name_or_path": "align://tiny-llama", "revision": None,
                                                   "trust_remote_code": False, "chat_template": None}))
-    model = ppo.load_policy(cfg, tok, adapters_dir[0])
+    model = policy.load_policy(cfg.model, cfg.peft, tok, adapters_dir[0])
     head = reward.load_reward(model, adapters_dir[1])
     return model, head, tok
 
@@ -119,7 +119,7 @@ def test_reward_on_shared_base_matches_sequence_classifier(adapters_dir):
     from peft import AutoPeftModelForSequenceClassification
 
     model, head, tok = policy_with_reward(adapters_dir)
-    ppo.check_trainable(model)  # loading the reward adapter left only the policy trainable
+    policy.check_trainable(model)  # loading the reward adapter left only the policy trainable
     assert model.active_adapter == "policy" and set(model.peft_config) == {"policy", "ref", "reward"}
     prompts = [[{"role": "user", "content": "What is a deduction?"}], [{"role": "user", "content": "Hi"}]]
     completions = [[{"role": "assistant", "content": "A cost you subtract."}],
@@ -139,29 +139,30 @@ def test_reward_on_shared_base_matches_sequence_classifier(adapters_dir):
     query = [tok(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False),
                  add_special_tokens=False)["input_ids"] for p in prompts]
     resp = [tok(c[0]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in completions]
-    q_ids, q_mask = ppo.left_pad(query, tok.pad_token_id, "cpu")
+    q_ids, q_mask = rollout.left_pad(query, tok.pad_token_id, "cpu")
     width = max(map(len, resp))
     r_ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in resp])
-    r_ids, r_mask, has_eos = ppo.truncate_after_eos(r_ids, [tok.eos_token_id], tok.pad_token_id)
-    batch = ppo.Rollout(prompts, q_ids, q_mask, r_ids, r_mask, has_eos)
+    r_ids, r_mask, has_eos = rollout.truncate_after_eos(r_ids, [tok.eos_token_id], tok.pad_token_id)
+    batch = rollout.Rollout(prompts, q_ids, q_mask, r_ids, r_mask, has_eos)
     assert torch.allclose(reward.rollout_reward(model, head, tok)(batch), theirs, atol=1e-4)
     # cut at max_new_tokens (no EOS): the turn is closed as the rm stage closed its cut answers, same score
-    cut = ppo.Rollout(prompts, q_ids, q_mask, r_ids, r_mask * (r_ids != tok.eos_token_id), torch.zeros_like(has_eos))
+    cut = rollout.Rollout(prompts, q_ids, q_mask, r_ids, r_mask * (r_ids != tok.eos_token_id),
+                          torch.zeros_like(has_eos))
     assert torch.allclose(reward.rollout_reward(model, head, tok)(cut), theirs, atol=1e-4)
 
     # reference = the frozen SFT copy: same log-probs as the policy before training, unlike the bare base
     ids, attn = batch.input_ids, batch.attention_mask
-    pv = ppo.PolicyValue(model, ppo.new_value_head(model))
+    pv = policy.PolicyValue(model, policy.new_value_head(model))
     with torch.no_grad():
         policy_logits, values = pv(ids, attn, r_ids.shape[1])
-        with ppo.use_adapter(model, ppo.REF):
+        with policy.use_adapter(model, policy.REF):
             ref_logits, _ = pv(ids, attn, r_ids.shape[1])
         with model.disable_adapter():
             base_logits, _ = pv(ids, attn, r_ids.shape[1])
     assert torch.allclose(policy_logits, ref_logits, atol=1e-5)
     assert not torch.allclose(policy_logits, base_logits, atol=1e-3)
     assert values.abs().max() == 0  # the value head starts at zero
-    ppo.check_trainable(model)  # switching adapters restored the flags
+    policy.check_trainable(model)  # switching adapters restored the flags
 
 
 # --- learning ------------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def test_ppo_raises_a_synthetic_reward(peaky_tiny, tmp_path):
     cfg = OmegaConf.create({"model": {"name_or_path": str(peaky_tiny), "revision": None, "dtype": "float32",
                                       "trust_remote_code": False, "attn_implementation": None},
                             "peft": {"method": "lora", "load_in_4bit": False}})
-    model = ppo.load_policy(cfg, tok, sft)
+    model = policy.load_policy(cfg.model, cfg.peft, tok, sft)
     emb = model.get_input_embeddings().weight.detach()
     direction = torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(1))
     proj = emb @ (direction / direction.norm())
@@ -211,8 +212,8 @@ def test_ppo_raises_a_synthetic_reward(peaky_tiny, tmp_path):
                      reward_norm=False, missing_eos_penalty=None, sample_every=0, save_every=0)
     prompts = [{"prompt": [{"role": "user", "content": f"Tell me about item {i}."}]} for i in range(32)]
     torch.manual_seed(0)
-    pv = ppo.PolicyValue(model, ppo.new_value_head(model))
-    state = ppo.train(pv, tok, prompts, share_in_set, pcfg, Accelerator(cpu=True), seed=0)
+    pv = policy.PolicyValue(model, policy.new_value_head(model))
+    state = ppo.train(pv, ppo.LoopInputs(tok, prompts, share_in_set, seed=0), pcfg, Accelerator(cpu=True))
     rewards = [h["reward_mean"] for h in state.history]
     early, late = sum(rewards[:4]) / 4, sum(rewards[-6:]) / 6
     print(f"synthetic reward: early {early:.3f}, late {late:.3f}; per update {[round(r, 3) for r in rewards]}")
@@ -254,16 +255,16 @@ def test_rule_reward_matches_verdicts_to_expected_behaviour():
 @pytest.mark.parametrize("shared", [False, True])
 def test_value_loss_reaches_the_policy_adapter_only_with_a_shared_critic(adapters_dir, shared):
     model, _, tok = policy_with_reward(adapters_dir)
-    pv = ppo.PolicyValue(model, ppo.new_value_head(model), shared_critic=shared)
+    pv = policy.PolicyValue(model, policy.new_value_head(model), shared_critic=shared)
     with torch.no_grad():
         pv.value_head.weight.normal_(0, 0.1)  # a zero head passes no gradient back to the trunk either way
     ids = torch.tensor([tok("What is a W-2? It reports wages.")["input_ids"]])
     _, values = pv(ids, torch.ones_like(ids), 4)
     (values ** 2).mean().backward()
-    policy = [p for group in pv.clip_groups() for p in group if p.grad is not None and p is not pv.value_head.weight
-              and p is not pv.value_head.bias]
+    adapter = [p for group in pv.clip_groups() for p in group if p.grad is not None and p is not pv.value_head.weight
+               and p is not pv.value_head.bias]
     assert pv.value_head.weight.grad.abs().sum() > 0
-    assert (sum(p.grad.abs().sum() for p in policy) > 0) == shared
+    assert (sum(p.grad.abs().sum() for p in adapter) > 0) == shared
     assert len(pv.clip_groups()) == (1 if shared else 2)
 
 
@@ -271,19 +272,19 @@ def test_rule_reward_adds_to_the_score_at_the_last_token(adapters_dir):
     from accelerate import Accelerator
 
     model, head, tok = policy_with_reward(adapters_dir)
-    pv = ppo.PolicyValue(model, ppo.new_value_head(model))
-    prompts = ppo.encode_prompts(tok, [{"prompt": [{"role": "user", "content": f"Question {i}?"}]}
+    pv = policy.PolicyValue(model, policy.new_value_head(model))
+    prompts = rollout.encode_prompts(tok, [{"prompt": [{"role": "user", "content": f"Question {i}?"}]}
                                        for i in range(3)], 64)
     torch.manual_seed(0)
-    batch = ppo.rollout(model, tok, prompts, ppo.generation_config(tok, model, 6, True))
+    batch = rollout.rollout(model, tok, prompts, rollout.generation_config(tok, model, 6, True))
     pcfg = PpoConfig(reward_norm=False, missing_eos_penalty=None, rule_weight=2.0)
     reward_fn = reward.rollout_reward(model, head, tok)
     signs = torch.tensor([1.0, -1.0, 0.0])
     plain = ppo.score_rollout(pv, batch, reward_fn, ppo.LoopState(beta=0.1), pcfg, Accelerator(cpu=True), 3)
     ruled = ppo.score_rollout(pv, batch, reward_fn, ppo.LoopState(beta=0.1), pcfg, Accelerator(cpu=True), 3,
                               rule_fn=lambda b: signs)
-    assert torch.allclose(ruled["rewards"] - plain["rewards"], 2.0 * signs, atol=1e-5)
-    assert torch.equal(ruled["rule"], signs) and not plain["rule"].any()
+    assert torch.allclose(ruled.rewards - plain.rewards, 2.0 * signs, atol=1e-5)
+    assert torch.equal(ruled.rule, signs) and not plain.rule.any()
 
 
 def test_samples_per_prompt_are_scored_against_their_siblings(adapters_dir):
@@ -292,8 +293,8 @@ def test_samples_per_prompt_are_scored_against_their_siblings(adapters_dir):
     from align import AlignError
 
     scores = torch.tensor([1.0, 3.0, 0.0, 0.0, 2.0, -2.0])
-    assert torch.equal(ppo.against_siblings(scores, 2), torch.tensor([-2.0, 2.0, 0.0, 0.0, 4.0, -4.0]))
-    assert torch.equal(ppo.against_siblings(torch.tensor([1.0, 2.0, 3.0]), 3), torch.tensor([-1.5, 0.0, 1.5]))
+    assert torch.equal(losses.against_siblings(scores, 2), torch.tensor([-2.0, 2.0, 0.0, 0.0, 4.0, -4.0]))
+    assert torch.equal(losses.against_siblings(torch.tensor([1.0, 2.0, 3.0]), 3), torch.tensor([-1.5, 0.0, 1.5]))
 
     # in the loop: 2 prompts per rollout batch of 4, each sampled twice in a row; a reward that only depends
     # on the prompt cancels, so the summed rewards are the KL penalty alone
@@ -301,14 +302,14 @@ def test_samples_per_prompt_are_scored_against_their_siblings(adapters_dir):
     seen = []
 
     def prompt_level(batch):
-        seen.append([ppo.last_user(p) for p in batch.prompts])
-        return torch.tensor([float(len(ppo.last_user(p))) for p in batch.prompts])
+        seen.append([rollout.last_user(p) for p in batch.prompts])
+        return torch.tensor([float(len(rollout.last_user(p))) for p in batch.prompts])
 
     pcfg = PpoConfig(rollout_batch_size=4, mini_batch_size=2, num_updates=1, max_new_tokens=6, samples_per_prompt=2,
                      reward_norm=False, missing_eos_penalty=None, sample_every=0, save_every=0)
     prompts = [{"prompt": [{"role": "user", "content": "Q" + "?" * i}]} for i in range(4)]
-    state = ppo.train(ppo.PolicyValue(model, ppo.new_value_head(model)), tok, prompts, prompt_level, pcfg,
-                      Accelerator(cpu=True), seed=0)
+    state = ppo.train(policy.PolicyValue(model, policy.new_value_head(model)),
+                      ppo.LoopInputs(tok, prompts, prompt_level, seed=0), pcfg, Accelerator(cpu=True))
     (a, b, c, d), = seen
     assert a == b and c == d and a != c
     assert abs(state.history[0]["total_reward"] + state.history[0]["beta"] * state.history[0]["kl"]) < 1e-4
@@ -319,8 +320,8 @@ def test_samples_per_prompt_are_scored_against_their_siblings(adapters_dir):
         return torch.arange(len(batch.texts), dtype=torch.float)
 
     pcfg.positive_only = True
-    state = ppo.train(ppo.PolicyValue(model, ppo.new_value_head(model)), tok, prompts, second_better, pcfg,
-                      Accelerator(cpu=True), seed=0)
+    state = ppo.train(policy.PolicyValue(model, policy.new_value_head(model)),
+                      ppo.LoopInputs(tok, prompts, second_better, seed=0), pcfg, Accelerator(cpu=True))
     assert state.history[0]["trained_share"] == 0.5
     pcfg.positive_only, pcfg.samples_per_prompt = True, 1
     with pytest.raises(AlignError, match="ppo.positive_only compares each response with its siblings"):
@@ -332,8 +333,8 @@ def test_samples_per_prompt_are_scored_against_their_siblings(adapters_dir):
 
     pcfg = PpoConfig(rollout_batch_size=4, mini_batch_size=2, num_updates=1, max_new_tokens=6, reward_norm=False,
                      missing_eos_penalty=None, sample_every=0, save_every=0, rm_weight=0.0, rule_weight=1.0)
-    state = ppo.train(ppo.PolicyValue(model, ppo.new_value_head(model)), tok, prompts, by_response, pcfg,
-                      Accelerator(cpu=True), seed=0, rule_fn=lambda batch: torch.zeros(len(batch.texts)))
+    inputs = ppo.LoopInputs(tok, prompts, by_response, rule_fn=lambda batch: torch.zeros(len(batch.texts)), seed=0)
+    state = ppo.train(policy.PolicyValue(model, policy.new_value_head(model)), inputs, pcfg, Accelerator(cpu=True))
     record = state.history[0]
     assert record["reward_mean"] >= 1 and abs(record["total_reward"] + record["beta"] * record["kl"]) < 1e-4
 
@@ -447,7 +448,7 @@ def test_mined_rollout_prompts_are_the_sft_mistakes_with_as_many_of_each_kind(tm
     cfg = compose(tmp_path, *SCOPED, "ppo.mine_prompts=10", "ppo.mine_samples=3", "ppo.mine_max_new_tokens=4")
     mine = lambda refused, cfg=cfg: ppo_stage.mine_prompts(  # noqa: E731
         cfg, model, tok, rows, reward.RuleReward(ByPrompt(refused), rows), Accelerator(cpu=True), 0, tmp_path)
-    users = lambda rs: sorted(ppo.last_user(r["prompt"]) for r in rs)  # noqa: E731
+    users = lambda rs: sorted(rollout.last_user(r["prompt"]) for r in rs)  # noqa: E731
 
     # over-refused: the two "deduct" questions; under-refused: the cake (the rain is refused, as it should be)
     kept = mine(("deduct", "rain"))
@@ -628,4 +629,4 @@ def test_ppo_seed_varies_the_rollouts_of_one_data_build(tmp_path):
     assert ppo_seed(cfg) == cfg.seed  # null: the run's seed
     assert ppo_seed(compose(tmp_path, "stage=ppo", *STAGE, "ppo.seed=3")) == 3
     rows = list(range(40))
-    assert ppo.prompt_batch(rows, 0, 8, 0, 1, seed=cfg.seed) != ppo.prompt_batch(rows, 0, 8, 0, 1, seed=3)
+    assert rollout.prompt_batch(rows, 0, 8, 0, 1, seed=cfg.seed) != rollout.prompt_batch(rows, 0, 8, 0, 1, seed=3)

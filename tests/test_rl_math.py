@@ -7,11 +7,12 @@ import torch
 
 from align import AlignError
 from align.rl import kl
-from align.rl.ppo import (
+from align.rl.losses import (
     RunningMoments, entropy_from_logits, explained_variance, gae, last_token_index, masked_mean, masked_var,
-    masked_whiten, per_token_rewards, policy_loss, prompt_batch, shape_scores, truncate_after_eos, value_loss,
+    masked_whiten, per_token_rewards, policy_loss, shape_scores, value_loss,
 )
 from align.rl.reward import SCORE_KEY, pool_index
+from align.rl.rollout import prompt_batch, truncate_after_eos
 
 
 def t(*rows):

@@ -2,7 +2,7 @@
 
 load_reward() loads the rm adapter into the policy's PeftModel as a frozen adapter "reward" and returns
 the score head beside it; both PPO and GRPO use it:
-  - PPO: rollout_reward() scores token-level rollouts (align/rl/ppo.py's Rollout);
+  - PPO: rollout_reward() scores token-level rollouts (align/rl/rollout.py's Rollout);
   - GRPO: CompletionReward is a TRL reward function scoring prompt + completion texts.
 RuleReward is PPO's optional behaviour term beside it: a judge's verdict against each prompt's expected
 behaviour (rule-based rewards for safety, as in OpenAI's RBR and Llama 2's safety reward gating).
@@ -26,7 +26,8 @@ from torch import nn
 
 from align import AlignError
 from align.evaluation.judges import REFUSED
-from align.rl.ppo import REWARD, Rollout, eos_ids, last_hidden, last_user, use_adapter
+from align.rl.policy import REWARD, last_hidden, use_adapter
+from align.rl.rollout import Rollout, eos_ids, last_user
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def pool_index(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
 def reward_scores(model, score_head: nn.Linear, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   last_index: torch.Tensor, adapter_name: str = REWARD) -> torch.Tensor:
     """Scalar RM scores: score_head(hidden state at last_index) with the reward adapter active. Callers turn
-    dropout off (ppo.disable_dropout) rather than switching to eval mode, which on CPU makes bitsandbytes
+    dropout off (policy.disable_dropout) rather than switching to eval mode, which on CPU makes bitsandbytes
     repack 4-bit weights for inference and breaks later QLoRA backward passes."""
     with use_adapter(model, adapter_name):
         hidden = last_hidden(model, input_ids, attention_mask)

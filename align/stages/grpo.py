@@ -13,8 +13,7 @@ from datasets import Dataset
 
 from align import AlignError, adapters, models, runs, tracking, training
 from align.data import recipes
-from align.rl import ppo, reward
-from align.stages.ppo import same_base
+from align.rl import policy, reward, rollout
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +25,10 @@ def run(cfg) -> dict:
 
     started = time.time()
     main = training.is_main_process()
-    sft_dir = runs.adapter_of(same_base(cfg, runs.find_parent(cfg, ("sft",), cfg.stage.init_from, needed_by="grpo")))
-    rm_dir = runs.adapter_of(same_base(cfg, runs.find_parent(cfg, ("rm",), None, needed_by="grpo")))
+    sft_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg, ("sft",), cfg.stage.init_from, needed_by="grpo"),
+                                               cfg.model.name_or_path))
+    rm_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg, ("rm",), None, needed_by="grpo"),
+                                              cfg.model.name_or_path))
     if not (sft_dir / "adapter_config.json").exists():
         raise AlignError(f"grpo: {sft_dir} is not a PEFT adapter; grpo trains on top of an sft adapter")
     out = runs.prepare(cfg, "grpo", main_process=main)
@@ -38,7 +39,7 @@ def run(cfg) -> dict:
     model = models.load_model(cfg, "causal", tokenizer)
     model = adapters.attach(model, cfg.peft, "CAUSAL_LM", init_from=str(sft_dir))
     score_head = reward.load_reward(model, rm_dir)
-    ppo.disable_dropout(model)  # deterministic reward scores and log-probs (TRL's disable_dropout, applied here)
+    policy.disable_dropout(model)  # deterministic reward scores and log-probs (TRL's disable_dropout, applied here)
     reward_fn = reward.CompletionReward(model, score_head, tokenizer, batch_size=cfg.trainer.per_device_eval_batch_size)
 
     tracker = tracking.start(cfg, "grpo", main)
@@ -63,35 +64,40 @@ def run(cfg) -> dict:
             if key in logged[0]:
                 metrics[f"train/first_{key}"], metrics[f"train/last_{key}"] = logged[0][key], logged[-1][key]
 
-    # held-out comparison, greedy: the SFT policy (TRL's frozen "ref" copy, or the base without one) vs GRPO
-    policy = trainer.accelerator.unwrap_model(trainer.model)
+    policy_model = trainer.accelerator.unwrap_model(trainer.model)
     held_out = eval_rows or train_rows[: cfg.eval.batch_size]
+    metrics.update(held_out_eval(cfg, policy_model, score_head, tokenizer, held_out))
+    tracker.log({k: v for k, v in metrics.items() if k.startswith("eval/")})
+
+    for name in ("ref", "reward"):  # TRL's reference copy and the reward adapter: only the policy is saved
+        if name in policy_model.peft_config:
+            policy_model.delete_adapter(name)
+    saved = training.save_model(trainer, cfg, out, tokenizer)
+    return training.finish(trainer, tracker, cfg, out, "grpo", metrics, saved, {"sft": sft_dir, "rm": rm_dir},
+                           recipes.fingerprint(cfg), started)
+
+
+def held_out_eval(cfg, model, score_head, tokenizer, held_out: list) -> dict:
+    """The held-out comparison, greedy: the SFT policy (TRL's frozen "ref" copy, or the base without one) vs GRPO,
+    scored by the reward model. Returns the eval/* metrics."""
     if cfg.eval.max_prompts:
         held_out = held_out[: cfg.eval.max_prompts]
-    encoded = ppo.encode_prompts(tokenizer, held_out, cfg.trainer.max_length)
-    score = reward.rollout_reward(policy, score_head, tokenizer)
-    before = "ref" if "ref" in policy.peft_config else None
+    encoded = rollout.encode_prompts(tokenizer, held_out, cfg.trainer.max_length)
+    score = reward.rollout_reward(model, score_head, tokenizer)
+    before = "ref" if "ref" in model.peft_config else None
     results = {}
     for name, adapter in (("sft", before), ("grpo", "default")):
         if adapter is None:
-            with policy.disable_adapter():
-                results[name] = ppo.evaluate(policy, tokenizer, encoded, score, "default",
-                                             cfg.grpo.max_completion_length, cfg.eval.batch_size)
+            with model.disable_adapter():
+                results[name] = rollout.evaluate(model, tokenizer, encoded, score, "default",
+                                                 cfg.grpo.max_completion_length, cfg.eval.batch_size)
         else:
-            results[name] = ppo.evaluate(policy, tokenizer, encoded, score, adapter,
-                                         cfg.grpo.max_completion_length, cfg.eval.batch_size)
+            results[name] = rollout.evaluate(model, tokenizer, encoded, score, adapter,
+                                             cfg.grpo.max_completion_length, cfg.eval.batch_size)
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-    metrics["eval/reward_sft"] = mean(results["sft"]["scores"])
-    metrics["eval/reward_grpo"] = mean(results["grpo"]["scores"])
+    metrics = {"eval/reward_sft": mean(results["sft"]["scores"]), "eval/reward_grpo": mean(results["grpo"]["scores"])}
     metrics["eval/reward_delta"] = metrics["eval/reward_grpo"] - metrics["eval/reward_sft"]
     metrics["eval/n_prompts"] = len(encoded)
     log.info("grpo eval: reward sft %.3f -> grpo %.3f (delta %+.3f)", metrics["eval/reward_sft"],
              metrics["eval/reward_grpo"], metrics["eval/reward_delta"])
-    tracker.log({k: v for k, v in metrics.items() if k.startswith("eval/")})
-
-    for name in ("ref", "reward"):  # TRL's reference copy and the reward adapter: only the policy is saved
-        if name in policy.peft_config:
-            policy.delete_adapter(name)
-    saved = training.save_model(trainer, cfg, out, tokenizer)
-    return training.finish(trainer, tracker, cfg, out, "grpo", metrics, saved, {"sft": sft_dir, "rm": rm_dir},
-                           recipes.fingerprint(cfg), started)
+    return metrics
