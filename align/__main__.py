@@ -1,6 +1,5 @@
 """`python -m align stage=<name> ...`: compose the config with Hydra and run one stage."""
 
-import importlib
 import logging
 import os
 import sys
@@ -9,29 +8,11 @@ import hydra
 from omegaconf import DictConfig
 
 from align import AlignError
-from align.config import STAGES, register
+from align.config import register
+from align.launch import run_stage
 
 log = logging.getLogger("align")
 _FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
-
-
-def run_stage(cfg: DictConfig) -> dict:
-    name = cfg.stage.name
-    if name not in STAGES:
-        raise AlignError(f"stage.name: unknown stage {name!r}; choices: {', '.join(STAGES)}")
-    from align import checks, locks, runs
-
-    runs.scrub_hydra_logs()  # first: Hydra wrote the command line to logs/ before we got here
-    checks.check(cfg)  # before any model loads or any stage folder is touched
-    module = importlib.import_module(f"align.stages.{name}")
-    if name not in ("data", "pipeline"):  # pipeline: each of its stages seeds itself here
-        from align.training import seed_everything
-
-        seed_everything(cfg.seed)  # before the model and adapter exist, so one seed gives one adapter
-    try:
-        return module.run(cfg)
-    finally:
-        locks.release_all()  # a failed stage frees its folder for the next try
 
 
 @hydra.main(config_path="pkg://align.conf", config_name="config", version_base="1.3")
@@ -96,6 +77,82 @@ def _check_run_name_override(args: list[str]) -> None:
             check_run_name(SimpleNamespace(run=SimpleNamespace(name=name, output_dir=(dirs or ["outputs"])[-1])))
 
 
+HELP_HEAD = """\
+usage: python -m align [stage=<name>] [<group>=<option> ...] [<key>=<value> ...]
+
+Runs one stage (by default the pipeline: data -> sft -> rm -> dpo|ppo -> safety_eval) on the config composed from
+conf/config.yaml, one option of each group below and the command line. --cfg job prints that config, --multirun (-m)
+sweeps comma-separated values, --hydra-help shows Hydra's own flags. `python -m align <overrides> --help` shows the
+values those overrides give."""
+
+
+def _shown(value, width: int = 60) -> str:
+    from align.config.yaml_file import yaml_scalar
+
+    text = yaml_scalar(value)
+    if len(text) <= width:
+        return text
+    if isinstance(value, list):
+        return f"[{len(value)} items]"
+    if isinstance(value, dict):
+        return f"{{{len(value)} keys}}"
+    return text[:width - 3] + "..."
+
+
+def help_text(overrides: list[str]) -> str:
+    """Every option of align/config/ (key, value, valid range, help) and every config group's options, as
+    `overrides` compose them; when they cannot be composed (a sweep, a typo), the declared defaults."""
+    import textwrap
+
+    from omegaconf import OmegaConf
+
+    from align.checks import describe
+    from align.config import GROUPS, AlignConfig, compose, group_options
+    from align.config.options import list_item, options
+
+    note = ""
+    try:
+        cfg = compose(*overrides, set_hydra_config=True)
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = dict(HydraConfig.get().runtime.choices)
+        raw = OmegaConf.to_container(cfg, resolve=False)
+    except Exception as exc:  # noqa: BLE001 - help still lists the options
+        choices, raw = {group: choice for group, (choice, _) in GROUPS.items()}, None
+        note = f"note: the command line did not compose ({_one_line(exc)}); the values below are the declared defaults"
+    lines = [HELP_HEAD, "", "Config groups (<group>=<option>; * = the one composed):"]
+    for group, found in group_options().items():
+        shown = [f"*{o}" if o == choices.get(group) else o for o in found]
+        lines += [f"  {group}: {', '.join(shown)}", f"      {GROUPS[group][1]}"]
+    lines += ["", *([note] if note else []), "Options (<key>=<value>: the value composed, its valid range, then what "
+              "it does):"]
+    missing = object()
+    for opt in options(AlignConfig):
+        value = opt.default
+        if raw is not None and "[]" not in opt.key:
+            node = raw
+            for part in opt.key.split("."):
+                node = node.get(part, missing) if isinstance(node, dict) else missing
+            value = opt.default if node is missing else node
+        each = "each " if opt.range and list_item(opt.type) is not None else ""  # a list's range holds per item
+        notes = [f"range: {each}{describe(opt.range)}"] if opt.range else []
+        if value != opt.default:
+            notes.append(f"declared default: {_shown(opt.default)}")
+        lines.append(f"  {opt.key} = {_shown(value)}" + (f"  ({'; '.join(notes)})" if notes else ""))
+        lines += textwrap.wrap(opt.help, 120, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                               break_long_words=False, break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def _help_requested(args: list[str]) -> list[str] | None:
+    """The overrides of a `--help`/`-h` command line (Hydra's own parser reads it), else None."""
+    if "--help" not in args and "-h" not in args:
+        return None
+    from hydra._internal.utils import get_args_parser
+
+    return list(get_args_parser().parse_args(args).overrides)
+
+
 def quiet_libraries() -> None:
     """Deprecation chatter from dependencies hides the progress bars and metrics users came for."""
     import warnings
@@ -120,6 +177,10 @@ def main() -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     sys.argv[1:] = with_data_scope(sys.argv[1:])
+    overrides = _help_requested(sys.argv[1:])
+    if overrides is not None:  # ours, not Hydra's: every option with its help and range (--hydra-help is Hydra's)
+        print(help_text(overrides))
+        return
     try:
         _app()
     except AlignError as exc:

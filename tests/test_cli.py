@@ -68,3 +68,73 @@ def test_secrets_are_scrubbed_but_token_counts_are_not():
     out = scrub({"wandb": {"api_key": "abc", "hf_token": "x", "token": "y"}, "eval": {"max_new_tokens": 64}})
     assert out["wandb"] == {"api_key": "<redacted>", "hf_token": "<redacted>", "token": "<redacted>"}
     assert out["eval"]["max_new_tokens"] == 64
+
+
+def leaf_fields(cls, prefix=""):
+    """Dotted keys of every field that is not itself a dataclass; a list of dataclasses adds its items' fields."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            yield from leaf_fields(t, f"{prefix}{f.name}.")
+            continue
+        yield prefix + f.name
+        item = next(iter(typing.get_args(t)), None)
+        if typing.get_origin(t) is list and dataclasses.is_dataclass(item):
+            yield from leaf_fields(item, f"{prefix}{f.name}[].")
+
+
+def help_options(stdout: str) -> dict:
+    """key -> (its line, its help text) from `python -m align --help`."""
+    import re
+
+    out, key = {}, None
+    for line in stdout.splitlines():
+        m = re.match(r"^  (\S+) = ", line)
+        if m:
+            key = m.group(1)
+            assert key not in out, key
+            out[key] = [line, ""]
+        elif key and line.startswith(" " * 6):
+            out[key][1] += " " + line.strip()
+        else:
+            key = None
+    return out
+
+
+def test_help_prints_every_option_with_its_default_help_and_range():
+    from align.config import AlignConfig
+
+    res = cli("--help")
+    assert res.returncode == 0, res.stderr
+    shown = help_options(res.stdout)
+    leaves = list(leaf_fields(AlignConfig))
+    assert len(shown) == len(leaves) and set(shown) == set(leaves)
+    assert all(text.strip() for _, text in shown.values()), [k for k, (_, t) in shown.items() if not t.strip()]
+    line, text = shown["trainer.max_steps"]
+    assert line == "  trainer.max_steps = -1  (range: -1 or >= 1)" and "total optimizer steps" in text
+    line, text = shown["eval.max_new_tokens"]
+    assert line == "  eval.max_new_tokens = 48  (range: >= 1)" and "scripts/check_judge_cut.py" in text
+    assert shown["dpo.label_smoothing"][0].endswith("(range: in [0, 0.5))")
+    assert shown["dpo.loss_weights"][0].endswith("(range: each >= 0)")
+    assert shown["data.sources[].weight"][0] == "  data.sources[].weight = null  (range: >= 0)"
+    assert "public-dataset format" in shown["data.sources[].format"][1]
+    # a group's file sets the value composed; the declared default is shown beside it
+    assert shown["data.eval_fraction"][0] == "  data.eval_fraction = 0.05  (range: in [0, 1); declared default: 0.0)"
+    assert "*tax_assistant" in res.stdout and "*pipeline" in res.stdout
+
+
+def test_help_shows_the_values_the_overrides_give_and_hydra_help_is_hydras():
+    res = cli("stage=ppo", "ppo.kl_coef=0.3", "--help")
+    assert res.returncode == 0, res.stderr
+    shown = help_options(res.stdout)
+    assert shown["ppo.num_updates"][0] == "  ppo.num_updates = 30  (range: >= 1; declared default: 20)"
+    assert shown["ppo.kl_coef"][0] == "  ppo.kl_coef = 0.3  (range: >= 0; declared default: 0.05)"
+    res = cli("trainer.learning_rat=1", "--help")  # a typo: the declared defaults, with a note naming the key
+    assert res.returncode == 0 and "trainer.learning_rat" in res.stdout
+    assert "trainer.learning_rate = 0.0002" in res.stdout
+    res = cli("--hydra-help")
+    assert res.returncode == 0 and "== Flags ==" in res.stdout and "--cfg" in res.stdout

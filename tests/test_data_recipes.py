@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from align import AlignError
 from align.config import AlignConfig
-from align.data import recipes, scope
+from align.data import filters, recipes, scope, sources, stats_table, store
 from align.data.formats import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,12 +131,12 @@ def test_near_dup_index_matches_brute_force():
     rng = random.Random(0)
     words = "tax file return deduct credit income business home office receipt deadline state".split()
     texts = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 10))) for _ in range(300)]
-    index, kept = recipes.NearDupIndex(ngram=2, threshold=0.5), []
+    index, kept = filters.NearDupIndex(ngram=2, threshold=0.5), []
     for t in texts:
         added = index.add_if_new(t)
-        sh = recipes.shingles(t, 2)
-        brute = all(recipes.jaccard(sh, recipes.shingles(k, 2)) < 0.5 for k in kept) and \
-            recipes.normalize(t) not in {recipes.normalize(k) for k in kept}
+        sh = filters.shingles(t, 2)
+        brute = all(filters.jaccard(sh, filters.shingles(k, 2)) < 0.5 for k in kept) and \
+            filters.normalize(t) not in {filters.normalize(k) for k in kept}
         assert added == brute, t
         if added:
             kept.append(t)
@@ -230,7 +230,7 @@ def test_skip_mode_counts_bad_rows_in_the_stats_table(tmp_path, caplog):
     assert len(built.sft_train) == 2
     stats = built.stats[0]
     assert (stats["read"], stats["bad"], stats["rows"], stats["kept"]) == (4, 2, 2, 2)
-    table = recipes.print_table(built.stats)
+    table = stats_table.print_table(built.stats)
     header, _, line = table.splitlines()[:3]
     assert header.split()[:7] == ["source", "split", "kind", "read", "bad", "unmapped", "rows"]
     assert line.split()[:7] == ["bad", "train", "sft", "4", "2", "0", "2"]
@@ -485,9 +485,9 @@ def test_write_and_reuse_a_finished_build(tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "a.jsonl", varied_sft(10))
     cfg = make_cfg(tmp_path, data={"sources": [{"name": "a", "path": path, "kind": "sft"}], "eval_fraction": 0.2})
     built = recipes.build(cfg)
-    out = recipes.data_dir(cfg)
-    recipes.write(built, out)
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.jsonl" for n in recipes.OUTPUTS] + ["stats.json"])
+    out = store.data_dir(cfg)
+    store.write(built, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.jsonl" for n in store.OUTPUTS] + ["stats.json"])
     stats = json.loads((out / "stats.json").read_text())
     assert stats["fingerprint"] == built.fingerprint and stats["sizes"]["sft_train"] == len(built.sft_train)
     (out / "manifest.json").write_text("{}")  # the stage's "finished" marker
@@ -523,9 +523,9 @@ def test_load_without_rows_of_that_kind_is_one_line(tmp_path):
 def test_shipped_recipes_fit_the_schema(name):
     cfg = make_cfg(data=OmegaConf.load(CONF / "data" / f"{name}.yaml"))
     assert cfg.data.recipe == name
-    recipes.filter_specs(cfg)  # filter names and parameters exist
+    filters.filter_specs(cfg)  # filter names and parameters exist
     for src in recipes.source_configs(cfg):
-        recipes.sources.check_source(recipes._loader_view(src))
+        sources.check_source(recipes._loader_view(src))
 
 
 def test_instructions_recipe_builds():
@@ -545,17 +545,17 @@ def test_shipped_tax_eval_shares_no_prompt_with_training():
     assert built.scope_eval and {r["expected"] for r in built.scope_eval} == {"answer", "refuse"}
     train = {m["content"] for r in built.sft_train for m in r["messages"] if m["role"] == "user"}
     train |= {r["prompt"][-1]["content"] for r in built.pref_train + built.prompts_train}
-    train_sh = [(recipes.normalize(t), recipes.shingles(t, n)) for t in sorted(train)]
+    train_sh = [(filters.normalize(t), filters.shingles(t, n)) for t in sorted(train)]
     # dev.jsonl and dev_b.jsonl (for choosing settings) must be as clean as the held-out split, and not leak it
     dev = [json.loads(line) for name in ("dev.jsonl", "dev_b.jsonl")
            for line in (ROOT / "data_recipes" / "tax_assistant" / name).open()]
     assert {r["expected"] for r in dev} == {"answer", "refuse"}
-    eval_sh = [(recipes.normalize(r["prompt"]), recipes.shingles(r["prompt"], n)) for r in built.scope_eval]
+    eval_sh = [(filters.normalize(r["prompt"]), filters.shingles(r["prompt"], n)) for r in built.scope_eval]
     for row, against in [*((r, train_sh) for r in built.scope_eval), *((r, train_sh + eval_sh) for r in dev)]:
-        key, sh = recipes.normalize(row["prompt"]), recipes.shingles(row["prompt"], n)
+        key, sh = filters.normalize(row["prompt"]), filters.shingles(row["prompt"], n)
         for other, other_sh in against:
             assert key != other, f"held-out prompt also in training: {row['prompt']!r}"
-            assert recipes.jaccard(sh, other_sh) < threshold, f"near duplicate: {row['prompt']!r} ~ {other!r}"
+            assert filters.jaccard(sh, other_sh) < threshold, f"near duplicate: {row['prompt']!r} ~ {other!r}"
     balanced(built.stats)
 
 

@@ -18,6 +18,8 @@ import random
 from collections import Counter
 
 from align import AlignError
+from align.config import SourceConfig
+from align.data import formats
 
 POOL_OPTIONS = ("drop_categories", "near", "near_threshold", "optional")
 COMPOSE_OPTIONS = ("wrap", "templates", "max_words", "template_eval_fraction", "near")
@@ -144,3 +146,38 @@ def compose(rows: list, tmpls: list[dict], count: int, rng: random.Random, inner
 def describe(rows: list) -> str:
     kinds = Counter(r["category"] for r in rows)
     return ", ".join(f"{k} {v}" for k, v in kinds.most_common())
+
+
+# --- the card's steps of a build (recipes.py): rows of every loaded source by name, stats by name ---------------
+
+def apply_card(srcs: list, rows: dict, stats: dict) -> None:
+    """Pool options: drop the categories the card claims (drop_categories) and rows near in-scope prompts (near)."""
+    for src in srcs:
+        opts = src.options
+        if "drop_categories" in opts:
+            rows[src.name], n = drop_claimed(rows[src.name], opts["drop_categories"])
+            stats[src.name]["dropped"]["card"] = n
+        if "near" in opts and src.path != COMPOSE:
+            refs = [formats.prompt_text(r, "safety") for r in rows[_named(opts["near"], rows, src)]]
+            rows[src.name], n = drop_near(rows[src.name], refs, opts.get("near_threshold", NEAR_THRESHOLD))
+            stats[src.name]["dropped"]["near_in_scope"] = n
+
+
+def _named(name: str, rows: dict, src: SourceConfig) -> str:
+    if name not in rows:
+        raise AlignError(f"data source '{src.name}': options names source {name!r}, which is not a loaded source "
+                         f"of this recipe ({', '.join(rows)})")
+    return name
+
+
+def compose_attacks(src: SourceConfig, rows: dict, seed: int) -> list:
+    """Attack rows wrapping the refuse rows of options.wrap in the templates of options.templates (train/eval)."""
+    opts = src.options
+    if src.count is None or src.count < 1:
+        raise AlignError(f"data source '{src.name}': compose:attacks needs count >= 1 (how many attacks to compose)")
+    wrap = opts.get("wrap") or []
+    pool = [r for name in wrap for r in rows[_named(name, rows, src)]]
+    inner = [formats.prompt_text(r, "safety") for r in rows[_named(opts["near"], rows, src)]] if "near" in opts else []
+    tmpls = templates(opts.get("templates", src.split if src.split != "rl" else "train"), seed,
+                      opts.get("template_eval_fraction", 0.25), opts.get("max_words"))
+    return compose(pool, tmpls, src.count, random.Random(f"{seed}:attacks:{src.name}"), inner)

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from align import AlignError
+from align.data import scope as scope_mod
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +80,30 @@ def _tokenizer(path, cfg):
     from align import models
 
     return models.load_tokenizer(OmegaConf.merge(cfg.model, {"name_or_path": str(path), "chat_template": None}))
+
+
+def teach_sources(cfg, srcs: list, rows: dict, stats: dict) -> None:
+    """data.teacher answers the in-scope training rows that came without an answer (a step of recipes.build; rows and
+    stats of every loaded source by name)."""
+    from align.evaluation.judges import REFUSED, make_judge
+
+    todo = [s for s in srcs if s.split == "train" and s.kind == "safety"
+            and any(needs_answer(r) for r in rows[s.name])]
+    if not todo:
+        return
+    budget = int(cfg.data.teacher_max_new_tokens)
+    generate, tokenizer = model_generate(cfg, budget)
+    judge = make_judge("keyword", refusal_openers=scope_mod.refusal_openers(cfg.scope))
+
+    def refused(prompt, answer):
+        return judge.judge([prompt], [answer])[0] == REFUSED
+
+    def count(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    for src in todo:
+        taught = teach(rows[src.name], generate, count, refused, budget)
+        rows[src.name] = taught.rows
+        stats[src.name]["dropped"].update(teacher_refused=taught.refused, teacher_cut=taught.cut)
+        log.info("data.teacher: source '%s': %d answered, %d refusals and %d cut answers dropped", src.name,
+                 sum(1 for r in taught.rows if r.get("response")), taught.refused, taught.cut)
