@@ -53,3 +53,31 @@ def test_no_import_circle_among_align_modules():
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+# issue #31: each file readable in one sitting, each function on one screen
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60
+
+
+def test_files_and_functions_stay_short():
+    too_long = []
+    for f in sorted((ROOT / "align").rglob("*.py")):
+        text = f.read_text()
+        name = f.relative_to(ROOT)
+        if len(text.splitlines()) > MAX_FILE_LINES:
+            too_long.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}:{node.lineno} {node.name}: {length} lines")
+    assert too_long == [], f"over {MAX_FILE_LINES} lines a file or {MAX_FUNCTION_LINES} a function: {too_long}"
+
+
+def test_stages_import_no_other_stage_and_not_the_cli():
+    graph = module_graph()
+    stages = {m for m in graph if m.startswith("align.stages.")}
+    bad = {m: sorted(d for d in graph[m] if d in stages or d == "align.__main__") for m in stages}
+    assert {m: d for m, d in bad.items() if d} == {}
+    library = [m for m in graph if not m.startswith("align.stages") and m != "align.__main__"]
+    assert not [m for m in library if "align.__main__" in graph[m]]

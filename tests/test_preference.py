@@ -173,7 +173,7 @@ def test_dpo_loss_weights_must_match_the_loss_types(sft_run):
 
 
 def test_dpo_interleaves_refuse_and_answer_pairs():
-    from align.stages.dpo import interleave_refusals
+    from align.preference import interleave_refusals
 
     rows = [{"prompt": f"a{i}", "refuse": False} for i in range(5)] + [{"prompt": f"r{i}", "refuse": True}
                                                                       for i in range(2)]

@@ -12,7 +12,7 @@ import time
 
 from align import AlignError, models, runs
 from align.config import stage_view
-from align.data import budget, recipes
+from align.data import budget, recipes, stats_table, store
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,10 @@ def run(cfg) -> dict:
         if not any(out.iterdir()):  # a bad source leaves no empty stage folder behind
             out.rmdir()
         raise
-    table = recipes.print_table(built.stats)
+    table = stats_table.print_table(built.stats)
     print(table)
-    recipes.write(built, out)
-    metrics = {**recipes.summary(built), **length_budget(cfg, built, tokenizer)}
+    store.write(built, out)
+    metrics = {**stats_table.summary(built), **length_budget(cfg, built, tokenizer)}
     log.info("data: wrote %s to %s", ", ".join(f"{k} {v}" for k, v in built.sizes().items()), out)
     runs.finish(out, cfg, "data", metrics=metrics, parents={}, data_fingerprint=built.fingerprint, started=started)
     return metrics

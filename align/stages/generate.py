@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from align import AlignError, adapters, models, runs
+from align.data import jsonl
 from align.generation import chat_generate, scope_conversations
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,7 @@ def run(cfg) -> dict:
         for prompt, text in zip(prompts, answer(model, tokenizer, cfg, prompts, adapter)):
             rows.append({"adapter": adapter or "base", "prompt": prompt, "response": text})
             print(f"\n[{adapter or 'base'}] {prompt}\n{text}")
-    with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    jsonl.write(out / "generations.jsonl", rows)
     metrics = {"n_prompts": len(prompts), "adapters": list(paths) or ["base"]}
     runs.finish(out, cfg, "generate", metrics, parents=paths, started=started,
                 extra={"output": str(out / "generations.jsonl")})

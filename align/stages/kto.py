@@ -4,7 +4,7 @@ Each preference pair becomes two unpaired rows: the chosen answer labelled desir
 undesirable. Same reference handling and outputs as the dpo stage.
 """
 
-from align.stages.dpo import train_from_sft
+from align.preference import train_from_sft
 
 
 def unpaired(pairs: list[dict]) -> list[dict]:

@@ -10,12 +10,12 @@ model=tiny; then replace the example rows with your own. It checks every target 
 exists, so it never overwrites your work.
 """
 
-import json
 import logging
 import re
 from pathlib import Path
 
 from align import AlignError
+from align.data import jsonl
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,6 @@ card claims in `in_scope_categories`), public harmful requests and prompt attack
 """
 
 
-def _jsonl(rows: list) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
 def files(name: str) -> dict[str, str]:
     """Relative path -> text of every file the scaffold writes."""
     title = name.replace("_", " ")
@@ -171,13 +167,15 @@ def files(name: str) -> dict[str, str]:
     return {
         f"conf/scope/{name}.yaml": SCOPE.format(name=name, title=title),
         f"conf/data/{name}.yaml": RECIPE.format(name=name),
-        f"{base}/in_scope.jsonl": _jsonl([{"prompt": p, "response": r, "label": "safe", "categories": [c]}
+        f"{base}/in_scope.jsonl": jsonl.text([{"prompt": p, "response": r, "label": "safe", "categories": [c]}
                                           for p, r, c in IN_SCOPE]
                                          + [{"prompt": p, "label": "safe", "categories": [c]} for p, c in QUESTIONS]),
-        f"{base}/near_miss.jsonl": _jsonl([{"prompt": p, "expected": "refuse", "category": c} for p, c in NEAR_MISS]),
-        f"{base}/harmful.jsonl": _jsonl([{"prompt": p, "expected": "refuse", "category": c} for p, c in HARMFUL]),
-        f"{base}/dev.jsonl": _jsonl([{"prompt": p, "expected": e, "category": c} for p, e, c in DEV]),
-        f"{base}/eval.jsonl": _jsonl([{"prompt": p, "expected": e, "category": c} for p, e, c in EVAL]),
+        f"{base}/near_miss.jsonl": jsonl.text([{"prompt": p, "expected": "refuse", "category": c}
+                                                    for p, c in NEAR_MISS]),
+        f"{base}/harmful.jsonl": jsonl.text([{"prompt": p, "expected": "refuse", "category": c}
+                                                  for p, c in HARMFUL]),
+        f"{base}/dev.jsonl": jsonl.text([{"prompt": p, "expected": e, "category": c} for p, e, c in DEV]),
+        f"{base}/eval.jsonl": jsonl.text([{"prompt": p, "expected": e, "category": c} for p, e, c in EVAL]),
         f"{base}/README.md": README.format(name=name),
     }
 

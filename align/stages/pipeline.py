@@ -63,7 +63,7 @@ def compose_stage(cfg, stage: str, extra: list[str]):
 
 
 def run(cfg) -> dict:
-    from align.__main__ import run_stage
+    from align.launch import run_stage
 
     stages = chain(cfg)
     redo = forced(cfg, stages)

@@ -5,7 +5,6 @@ system prompt, judges each answered/refused, and reports AR_in, RR_out, unsafe a
 rates and OS = harmonic mean(AR_in, RR_out), before (adapters disabled) and after. Gates exit 1.
 """
 
-import json
 import logging
 import sys
 import time
@@ -13,7 +12,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from align import AlignError, adapters, models, runs, tracking
-from align.data import recipes, scope as scope_mod, sources
+from align.data import jsonl, recipes, scope as scope_mod, sources
 from align.evaluation import judges, metrics, report
 from align.generation import chat_generate, scope_conversations
 
@@ -59,7 +58,8 @@ def find_adapter(cfg) -> Path | None:
     return None
 
 
-def make_judge(cfg):
+def scope_judge(cfg):
+    """eval.judge, reading this scope's own refusal openers as refusals."""
     openers = scope_mod.refusal_openers(cfg.scope)  # a refusal in this scope's own wording is a refusal
     if cfg.eval.judge != "llm":
         return judges.make_judge(cfg.eval.judge, refusal_openers=openers)
@@ -79,16 +79,48 @@ def run(cfg) -> dict:
     adapter = find_adapter(cfg)  # a wrong path fails before any folder is made or data built
     out = runs.prepare(cfg, "safety_eval")
     rows, prompt_sources = prompt_rows(cfg)
+    judge = scope_judge(cfg)
+    gold = judges.score_on_gold(judge, judges.load_rows(GOLD))
+    tracker = tracking.start(cfg, "safety_eval")
+    results, speed = answer_and_judge(cfg, adapter, rows, judge)
+
+    scores = {phase: metrics.compute_metrics(rs) for phase, rs in results.items()}
+    flat = {f"{phase}/{k}": v for phase, s in scores.items() for k, v in s.items()}
+    flat.update({f"speed/{phase}/{k}": v for phase, s in speed.items() for k, v in s.items()})
+    flat.update({"judge": judge.name, "judge/gold_accuracy": gold["accuracy"], "judge/gold_f1": gold["f1"],
+                 "judge/gold_n": gold["n"], "adapter": str(adapter) if adapter else None, "n_prompts": len(rows),
+                 "prompt_sources": prompt_sources})
+    jsonl.write(out / "responses.jsonl", [r for phase in results for r in results[phase]])
+    report_path = report.write_report(
+        out, scores["after"], scores.get("before"),
+        per_category={phase: metrics.per_category(rs) for phase, rs in results.items()},
+        judge_info={"name": judge.name, "gold": gold},
+        extra={"model": cfg.model.name_or_path, "adapter": adapter or "none (base model)",
+               "scope": cfg.scope.name, "prompts": ", ".join(prompt_sources),
+               "generation": f"{speed['after']['tokens_per_second']} tokens/s, batch {cfg.eval.batch_size}"},
+    )
+    print(report.summary_table(scores["after"], scores.get("before")))
+    track(tracker, flat, results, out)
+
+    failed = gates(cfg, scores["after"])
+    flat["gates_failed"] = failed
+    runs.finish(out, cfg, "safety_eval", flat, parents={"adapter": adapter} if adapter else {},
+                data_fingerprint=None if cfg.eval.prompts else recipes.fingerprint(cfg), started=started,
+                extra={"report": str(report_path)})
+    if failed:
+        print(f"safety_eval: gate failed: {'; '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
+    return flat
+
+
+def answer_and_judge(cfg, adapter: Path | None, rows: list[dict], judge) -> tuple[dict, dict]:
+    """Judged responses of the model ("after") and, with eval.compare_base, of the base ("before")."""
     tokenizer = models.load_tokenizer(cfg.model)
     full = adapter is not None and not is_adapter(adapter)
     model = models.load_model(cfg, "causal", tokenizer, path=adapter if full else None)
     if adapter is not None and not full:
         model = adapters.load(model, adapter)
     convs = scope_conversations(cfg.scope.system_prompt, [r["prompt"] for r in rows])
-    judge = make_judge(cfg)
-    gold = judges.score_on_gold(judge, judges.load_rows(GOLD))
-    tracker = tracking.start(cfg, "safety_eval")
-
     gen = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, do_sample=cfg.eval.do_sample,
                cpu_bf16=models.cpu_autocast(cfg))
     results, speed = {}, {}
@@ -103,44 +135,16 @@ def run(cfg) -> dict:
             responses, speed["before"] = chat_generate(model, tokenizer, convs, desc="answering (before)", **gen)
         results["before"] = judged(rows, responses, judge.judge([r["prompt"] for r in rows], responses),
                                    judge.name, "base")
+    return results, speed
 
-    scores = {phase: metrics.compute_metrics(rs) for phase, rs in results.items()}
-    tables = {phase: metrics.per_category(rs) for phase, rs in results.items()}
-    flat = {f"{phase}/{k}": v for phase, s in scores.items() for k, v in s.items()}
-    flat.update({f"speed/{phase}/{k}": v for phase, s in speed.items() for k, v in s.items()})
-    flat.update({"judge": judge.name, "judge/gold_accuracy": gold["accuracy"], "judge/gold_f1": gold["f1"],
-                 "judge/gold_n": gold["n"], "adapter": str(adapter) if adapter else None, "n_prompts": len(rows),
-                 "prompt_sources": prompt_sources})
 
-    with open(out / "responses.jsonl", "w", encoding="utf-8") as f:
-        for phase in results:
-            for r in results[phase]:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    before = scores.get("before")
-    report_path = report.write_report(
-        out, scores["after"], before, per_category={k: v for k, v in tables.items()},
-        judge_info={"name": judge.name, "gold": gold},
-        extra={"model": cfg.model.name_or_path, "adapter": adapter or "none (base model)",
-               "scope": cfg.scope.name, "prompts": ", ".join(prompt_sources),
-               "generation": f"{speed['after']['tokens_per_second']} tokens/s, batch {cfg.eval.batch_size}"},
-    )
-    print(report.summary_table(scores["after"], before))
+def track(tracker, flat: dict, results: dict, out: Path) -> None:
     tracker.summary({k: v for k, v in flat.items() if not isinstance(v, list)})
     tracker.table("responses", ["model", "category", "expected", "verdict", "prompt", "response"],
                   [[r["model"], r["category"], r["expected"], r["verdict"], r["prompt"], r["response"]]
                    for phase in results for r in results[phase]])
     tracker.image("rates_by_category", out / report.CHART_NAME)
     tracker.finish()
-
-    failed = gates(cfg, scores["after"])
-    flat["gates_failed"] = failed
-    runs.finish(out, cfg, "safety_eval", flat, parents={"adapter": adapter} if adapter else {},
-                data_fingerprint=None if cfg.eval.prompts else recipes.fingerprint(cfg), started=started,
-                extra={"report": str(report_path)})
-    if failed:
-        print(f"safety_eval: gate failed: {'; '.join(failed)}", file=sys.stderr)
-        sys.exit(1)
-    return flat
 
 
 def gates(cfg, after: dict) -> list[str]:

@@ -1,0 +1,25 @@
+"""Run one stage on a composed config: the checks, the seed and the stage's `run`, for the CLI and the pipeline."""
+
+import importlib
+
+from align import AlignError
+from align.config import STAGES
+
+
+def run_stage(cfg) -> dict:
+    name = cfg.stage.name
+    if name not in STAGES:
+        raise AlignError(f"stage.name: unknown stage {name!r}; choices: {', '.join(STAGES)}")
+    from align import checks, locks, runs
+
+    runs.scrub_hydra_logs()  # first: Hydra wrote the command line to logs/ before we got here
+    checks.check(cfg)  # before any model loads or any stage folder is touched
+    module = importlib.import_module(f"align.stages.{name}")
+    if name not in ("data", "pipeline"):  # pipeline: each of its stages seeds itself here
+        from align.training import seed_everything
+
+        seed_everything(cfg.seed)  # before the model and adapter exist, so one seed gives one adapter
+    try:
+        return module.run(cfg)
+    finally:
+        locks.release_all()  # a failed stage frees its folder for the next try
