@@ -5,14 +5,19 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip install --quiet --retries 2 --timeout 30
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: setup model run test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# CUDA machines take PyPI's default build; CPU machines the CPU build (a bare `torch` pulls several GB of CUDA)
+	# the CPU index is probed once (5 s): where it cannot be reached pip would retry it for minutes on every package
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) "torch>=2.6"; \
-	else $(PIP) "torch==$(TORCH_VERSION)" --extra-index-url https://download.pytorch.org/whl/cpu; fi
+	elif $(BIN)/python -c "import urllib.request; urllib.request.urlopen('$(TORCH_INDEX)/torch/', timeout=5)" 2>/dev/null; \
+	then $(PIP) "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_INDEX); \
+	else echo "$(TORCH_INDEX) is out of reach: torch $(TORCH_VERSION) from the default index"; \
+	$(PIP) "torch==$(TORCH_VERSION)"; fi
 	$(PIP) -e ".[test]"
 	touch $(STAMP)
 
