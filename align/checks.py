@@ -15,8 +15,8 @@ from align.config import AlignConfig
 from align.config.options import Range, ranges
 
 # key -> valid range, from the fields' metadata. "a[].b" checks b in every item of the list a, "a[]" every item of a.
-# None values (optional options left off) pass. ppo.samples_per_prompt, ppo.rm_weight and ppo.mine_prompts are
-# checked with the options they depend on, in align/rl/ppo.py's check_options.
+# None values (optional options left off) pass. ppo.samples_per_prompt and ppo.rm_weight are checked with the
+# options they depend on, in align/rl/ppo.py's check_options.
 RANGES: dict[str, Range] = ranges(AlignConfig)
 
 

@@ -18,7 +18,6 @@ from align.config.yaml_file import config_yaml
 # numeric options without a range, and why
 NO_RANGE = {
     "ppo.samples_per_prompt": "checked with ppo.rollout_batch_size in align/rl/ppo.py's check_options",
-    "ppo.mine_prompts": "checked with ppo.mine_samples in check_options",
     "ppo.rm_weight": "checked with ppo.rule_weight in check_options",
     "ppo.missing_eos_penalty": "below 0 it is a bonus",
 }

@@ -241,21 +241,18 @@ def test_rule_reward_matches_verdicts_to_expected_behaviour():
     assert rule.scores(prompts, [answer, answer, answer]) == [1.0, -1.0, 0.0]
     assert rule.scores(prompts, [refusal, refusal, refusal]) == [-1.0, 1.0, 0.0]
     assert rule.scores([ask("Not in the rows.")], [answer]) == [0.0]
-    refuse_only = reward.RuleReward(make_judge("keyword"), rows, {"answer": 0, "refuse": 1})  # answers: the RM's
-    assert refuse_only.scores(prompts, [answer, answer, answer]) == [0.0, -1.0, 0.0]
-    lighter = reward.RuleReward(make_judge("keyword"), rows, {"answer": 0.25, "refuse": 1})
-    assert lighter.scores(prompts, [refusal, answer, answer], scaled=True) == [-0.25, -1.0, 0.0]
-    assert lighter(SimpleNamespace(prompts=prompts, texts=[answer, refusal, refusal],
-                                   query_ids=torch.zeros(1))).tolist() == [0.25, 1.0, 0.0]
-    assert lighter.scores(prompts, [answer, refusal, refusal]) == [1.0, 1.0, 0.0]  # evals read plain signs
+    # in training (a rollout batch) as in evals: +1/-1, answer and refuse prompts alike
+    assert rule(SimpleNamespace(prompts=prompts, texts=[refusal, answer, answer],
+                                query_ids=torch.zeros(1))).tolist() == [-1.0, -1.0, 0.0]
     with pytest.raises(AlignError, match="needs prompt rows expecting answer or refuse"):
         reward.RuleReward(make_judge("keyword"), rows[2:])
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_value_loss_reaches_the_policy_adapter_only_with_a_shared_critic(adapters_dir, shared):
+def test_value_loss_never_reaches_the_policy_adapter(adapters_dir):
+    """The critic reads detached hidden states and is clipped on its own: with the value loss reaching the policy
+    adapter, the critic set PPO's update (docs/benchmarks.md, round 7)."""
     model, _, tok = policy_with_reward(adapters_dir)
-    pv = policy.PolicyValue(model, policy.new_value_head(model), shared_critic=shared)
+    pv = policy.PolicyValue(model, policy.new_value_head(model))
     with torch.no_grad():
         pv.value_head.weight.normal_(0, 0.1)  # a zero head passes no gradient back to the trunk either way
     ids = torch.tensor([tok("What is a W-2? It reports wages.")["input_ids"]])
@@ -264,8 +261,8 @@ def test_value_loss_reaches_the_policy_adapter_only_with_a_shared_critic(adapter
     adapter = [p for group in pv.clip_groups() for p in group if p.grad is not None and p is not pv.value_head.weight
                and p is not pv.value_head.bias]
     assert pv.value_head.weight.grad.abs().sum() > 0
-    assert (sum(p.grad.abs().sum() for p in adapter) > 0) == shared
-    assert len(pv.clip_groups()) == (1 if shared else 2)
+    assert not adapter
+    assert len(pv.clip_groups()) == 2
 
 
 def test_rule_reward_adds_to_the_score_at_the_last_token(adapters_dir):
@@ -290,8 +287,6 @@ def test_rule_reward_adds_to_the_score_at_the_last_token(adapters_dir):
 def test_samples_per_prompt_are_scored_against_their_siblings(adapters_dir):
     from accelerate import Accelerator
 
-    from align import AlignError
-
     scores = torch.tensor([1.0, 3.0, 0.0, 0.0, 2.0, -2.0])
     assert torch.equal(losses.against_siblings(scores, 2), torch.tensor([-2.0, 2.0, 0.0, 0.0, 4.0, -4.0]))
     assert torch.equal(losses.against_siblings(torch.tensor([1.0, 2.0, 3.0]), 3), torch.tensor([-1.5, 0.0, 1.5]))
@@ -313,19 +308,6 @@ def test_samples_per_prompt_are_scored_against_their_siblings(adapters_dir):
     (a, b, c, d), = seen
     assert a == b and c == d and a != c
     assert abs(state.history[0]["total_reward"] + state.history[0]["beta"] * state.history[0]["kl"]) < 1e-4
-    assert state.history[0]["trained_share"] == 1.0  # ties (0 against the siblings) all train the policy
-
-    # ppo.positive_only: of each pair the second scores higher, so the policy loss reads half the rollouts
-    def second_better(batch):
-        return torch.arange(len(batch.texts), dtype=torch.float)
-
-    pcfg.positive_only = True
-    state = ppo.train(policy.PolicyValue(model, policy.new_value_head(model)),
-                      ppo.LoopInputs(tok, prompts, second_better, seed=0), pcfg, Accelerator(cpu=True))
-    assert state.history[0]["trained_share"] == 0.5
-    pcfg.positive_only, pcfg.samples_per_prompt = True, 1
-    with pytest.raises(AlignError, match="ppo.positive_only compares each response with its siblings"):
-        ppo.check_options(pcfg)
 
     # ppo.rm_weight=0: a reward model that does tell responses apart is logged but not optimised
     def by_response(batch):
@@ -388,11 +370,6 @@ def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir):
     finished_parents(tmp_path, adapters_dir)
     with pytest.raises(AlignError, match="ppo.rule_judge must be keyword or classifier, got 'llm'"):
         run_stage(tmp_path, *SCOPED, "ppo.rule_weight=1.0", "ppo.rule_judge=llm")
-    with pytest.raises(AlignError, match=r"ppo.rule_scale must map answer and/or refuse to a weight >= 0, got "
-                                         r"\{'answer': 1.0, 'refuse': 1.0, 'comply': 1.0\}"):
-        run_stage(tmp_path, *SCOPED, "ppo.rule_weight=1.0", "+ppo.rule_scale.comply=1.0")
-    with pytest.raises(AlignError, match=r"ppo.rule_scale must map answer and/or refuse to a weight >= 0"):
-        run_stage(tmp_path, *SCOPED, "ppo.rule_weight=1.0", "ppo.rule_scale.answer=-1")
     with pytest.raises(AlignError, match="needs prompt rows expecting answer or refuse"):
         run_stage(tmp_path, *PPO_FAST, "ppo.rule_weight=1.0")
     with pytest.raises(AlignError, match="ppo.advantage_whitening must be token or sequence, got 'both'"):
@@ -402,66 +379,12 @@ def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir):
         run_stage(tmp_path, *PPO_FAST, "ppo.samples_per_prompt=3")
     with pytest.raises(AlignError, match=r"ppo.rm_weight must be >= 0, and above 0 unless ppo.rule_weight is"):
         run_stage(tmp_path, *PPO_FAST, "ppo.rm_weight=0")
-    with pytest.raises(AlignError, match=r"ppo.mine_prompts \(-1\) must be >= 0"):
-        run_stage(tmp_path, *PPO_FAST, "ppo.mine_prompts=-1")
     m = run_stage(tmp_path, *SCOPED, "ppo.rule_weight=1.0", "ppo.rule_judge=keyword", "ppo.samples_per_prompt=2",
-                  "ppo.rule_scale.answer=0.5", "ppo.mine_prompts=12", "ppo.mine_samples=2", "ppo.mine_max_new_tokens=4",
                   "ppo.rm_weight=0")
     history = json.loads((tmp_path / "t" / "ppo" / "metrics.json").read_text())["history"]
-    mined = [json.loads(line) for line in (tmp_path / "t" / "ppo" / "mined_prompts.jsonl").read_text().splitlines()]
-    assert all(1 <= r["wrong"] <= 2 and len(r["samples"]) == 2 and r["expected"] in ("answer", "refuse")
-               for r in mined)
-    finished_parents(tmp_path / "plain", adapters_dir)  # plain prompts: nothing says which behaviour is a mistake
-    with pytest.raises(AlignError, match="ppo.mine_prompts needs prompt rows with an expected behaviour"):
-        run_stage(tmp_path / "plain", *PPO_FAST, "ppo.mine_prompts=4")
-    assert not (tmp_path / "plain" / "t" / "ppo").exists()  # refused before the stage folder was made
-    # every scope prompt expects a behaviour, so each of the 4 rollouts scores +-1 (refuse) or +-0.5 (answer)
-    assert all(h["rule_mean"] * 8 == round(h["rule_mean"] * 8) and abs(h["rule_mean"]) <= 1 for h in history)
+    # each of the 4 rollouts scores +1 or -1 (0 where a prompt expects nothing), answer and refuse prompts alike
+    assert all(h["rule_mean"] * 4 == round(h["rule_mean"] * 4) and abs(h["rule_mean"]) <= 1 for h in history)
     assert -1 <= m["eval/rule_sft"] <= 1 and -1 <= m["eval/rule_ppo"] <= 1
-
-
-def test_mined_rollout_prompts_are_the_sft_mistakes_with_as_many_of_each_kind(tmp_path, adapters_dir):
-    """ppo.mine_prompts: prompts the sampled SFT answers got wrong, expected refusals repeated up to the number of
-    expected answers; with mistakes of one kind only, every prompt. The judge here reads the prompt, not the
-    sampled answer, so which prompts count as mistakes is known."""
-    from accelerate import Accelerator
-
-    from align.evaluation.judges import ANSWERED, REFUSED
-    from align.stages import ppo as ppo_stage
-
-    class ByPrompt:
-        def __init__(self, refused):
-            self.refused = refused
-
-        def judge(self, prompts, responses):
-            assert len(prompts) == len(responses) and all(isinstance(r, str) for r in responses)
-            return [REFUSED if any(w in p for w in self.refused) else ANSWERED for p in prompts]
-
-    def ask(q, expected):
-        return {"prompt": [{"role": "system", "content": "You are a tax assistant."}, {"role": "user", "content": q}],
-                "expected": expected}
-
-    rows = [ask("Can I deduct my car?", "answer"), ask("Can I deduct my desk?", "answer"),
-            ask("What is a W-2?", "answer"), ask("Bake me a cake.", "refuse"), ask("Will it rain?", "refuse")]
-    rows = rows + rows[:2]  # upsampled rows are mined once
-    model, _, tok = policy_with_reward(adapters_dir)
-    cfg = compose(tmp_path, *SCOPED, "ppo.mine_prompts=10", "ppo.mine_samples=3", "ppo.mine_max_new_tokens=4")
-    mine = lambda refused, cfg=cfg: ppo_stage.mine_prompts(  # noqa: E731
-        cfg, model, tok, rows, reward.RuleReward(ByPrompt(refused), rows), Accelerator(cpu=True), 0, tmp_path)
-    users = lambda rs: sorted(rollout.last_user(r["prompt"]) for r in rs)  # noqa: E731
-
-    # over-refused: the two "deduct" questions; under-refused: the cake (the rain is refused, as it should be)
-    kept = mine(("deduct", "rain"))
-    assert users(kept) == sorted(["Can I deduct my car?", "Can I deduct my desk?", "Bake me a cake.",
-                                  "Bake me a cake."])
-    mined = [json.loads(line) for line in (tmp_path / "mined_prompts.jsonl").read_text().splitlines()]
-    assert sorted((r["prompt"], r["expected"], r["wrong"]) for r in mined) == [
-        ("Bake me a cake.", "refuse", 3), ("Can I deduct my car?", "answer", 3), ("Can I deduct my desk?", "answer", 3)]
-    assert all(len(r["samples"]) == 3 for r in mined)
-    # a resumed run reads the mined prompts back instead of sampling again (this judge would find no mistakes)
-    assert mine((), compose(tmp_path, *SCOPED, "ppo.mine_prompts=10", "run.resume=true")) == kept
-    # only over-refusals: nothing to balance them with, so PPO rolls out on every row as before
-    assert mine(("deduct", "cake", "rain")) == rows
 
 
 # a few dev prompts in the scope-eval format: (prompt, expected, category)

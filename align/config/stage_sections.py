@@ -56,8 +56,8 @@ class KtoConfig:
     precompute_ref: bool = opt(True, "compute the reference log-probs once before training")
 
 
-# ppo.samples_per_prompt, ppo.rm_weight and ppo.mine_prompts are checked with the options they depend on, in
-# align/rl/ppo.py's check_options, so they carry no range here.
+# ppo.samples_per_prompt and ppo.rm_weight are checked with the options they depend on, in align/rl/ppo.py's
+# check_options, so they carry no range here.
 @dataclass
 class PpoConfig:
     rollout_batch_size: int = opt(8, "prompts sampled per rollout batch (per process)",
@@ -78,10 +78,8 @@ class PpoConfig:
     lam: float = opt(0.95, "GAE lambda", UNIT)
     cliprange: float = opt(0.2, "PPO ratio clip range", above(0, "the PPO ratio clip"))
     cliprange_value: float = opt(0.2, "value clip range", above(0, "the value clip"))
-    vf_coef: float = opt(0.5, "weight of the value loss", at_least(0, "weight of the value loss"))
-    shared_critic: bool = opt(False, "let the value loss train the policy adapter too (classic shared actor-critic); "
-                                     "off: the value head reads detached hidden states and is clipped on its own "
-                                     "(shared, its gradient set the policy's update; measured)")
+    vf_coef: float = opt(0.5, "weight of the value loss (it trains the value head only: the head reads detached "
+                              "hidden states, docs/benchmarks.md round 7)", at_least(0, "weight of the value loss"))
     kl_coef: float = opt(0.05, "initial (or fixed) KL penalty coefficient beta", at_least(0, "the KL penalty"))
     kl_estimator: str = opt("k1", "per-token KL estimator: k1 (log-ratio) or k3 (unbiased, non-negative)")
     adaptive_kl: bool = opt(False, "adapt beta toward kl_target (InstructGPT-style controller) instead of a fixed beta")
@@ -94,10 +92,6 @@ class PpoConfig:
     samples_per_prompt: int = opt(1, "responses sampled per prompt in a rollout batch (dividing rollout_batch_size); "
                                      "above 1 each response's score is taken relative to its siblings' mean, so only "
                                      "what differs between answers to one prompt is rewarded")
-    positive_only: bool = opt(False, "with samples_per_prompt > 1: the policy loss reads only responses scoring at "
-                                     "least their siblings' mean (the worse ones train the value head only); not a "
-                                     "default: over 5 seeds, held out minus SFT +0.014 to -0.030 (docs/benchmarks.md "
-                                     "rounds 13-14)")
     whiten_rewards: bool = opt(False, "whiten the per-token rewards before GAE")
     reward_norm: bool = opt(True, "normalise RM scores with running mean/std")
     missing_eos_penalty: Optional[float] = opt(1.0, "subtract this from the score of responses that never emit EOS "
@@ -110,29 +104,17 @@ class PpoConfig:
                                         "best ppo.select_metric becomes the stage's adapter ([] = the last update)")
     select_metric: str = opt("os", "the rate that picks that checkpoint: os, accuracy, ar_in, rr_out, rr_unsafe or "
                                    "rr_adv")
-    mine_prompts: int = opt(0, "mine the rollout prompts: the SFT policy first samples ppo.mine_samples short answers "
-                               "to this many distinct training prompts, and PPO rolls out only on those it got wrong "
-                               "at least once, as many expected answers as expected refusals (0 = off: every "
-                               "training prompt; results in the stage folder's mined_prompts.jsonl; it did not stop "
-                               "the drift toward answering, docs/benchmarks.md round 13)")
-    mine_samples: int = opt(4, "sampled answers per mined prompt", at_least(1, "answers sampled per mined prompt"))
-    mine_max_new_tokens: int = opt(16, "tokens per mined answer (the opener already tells an answer from a refusal)",
-                                   at_least(1, "tokens per mined answer"))
     seed: Optional[int] = opt(None, "seed of the rollouts (prompt order, sampling; null = seed): a sweep over it "
                                     "reuses one data build, seed= rebuilds", SEED)
     rule_weight: float = opt(0.0, "weight of the rule reward (+1 where the judge finds the prompt's expected "
-                                  "behaviour, answer or refuse, -1 where not; prompts without one get 0), added to "
-                                  "the normalised RM score; 0 = the reward model alone",
+                                  "behaviour, answer or refuse, -1 where not, both behaviours alike; prompts without "
+                                  "one get 0), added to the normalised RM score; 0 = the reward model alone",
                              at_least(0, "weight of the rule reward"))
     rm_weight: float = opt(1.0, "weight of the normalised reward-model score (0 with rule_weight > 0: the rule reward "
                                 "alone; the reward model then only gets logged; at 0 PPO drifted to answering all the "
                                 "same, round 13)")
     rule_judge: str = opt("classifier", "judge behind the rule reward: keyword or classifier (the eval's judge is "
                                         "eval.judge; keep them apart)")
-    rule_scale: dict = opt({"answer": 1.0, "refuse": 1.0},
-                           "the rule's weight per expected behaviour, times rule_weight (answer: 0 leaves answers to "
-                           "the RM); SFT's sampled mistakes on training prompts are mostly over-refusals, so an even "
-                           "rule pushes toward answering everything")
 
 
 @dataclass
@@ -190,8 +172,7 @@ PpoStageOverrides = stage_overrides("PpoStageOverrides", {
           "(scripts/check_reward.py; docs/benchmarks.md round 6)",
     "ppo": "a rule reward beside that reward model: with the reward model alone PPO drifted to answering everything "
            "(dev OS 0.620), with this 0.819 (SFT 0.842; docs/benchmarks.md round 7) (weighing it less on answer "
-           "prompts, ppo.rule_scale.answer=0.25, beat SFT in 2 of 4 seeds and over-refused in the other 2: not "
-           "adopted; round 9); and the checkpoint best on the recipe's dev prompts, not the last update: between "
+           "prompts beat SFT in 2 of 4 seeds and over-refused in the other 2: not adopted; round 9); and the checkpoint best on the recipe's dev prompts, not the last update: between "
            "checkpoints 5 updates apart the answer rate swung 10-30 points; the kept one beat the last held out in 5 "
            "of 6 runs (round 12)",
 }, {

@@ -3,11 +3,10 @@
   "ref"     a frozen copy of the same SFT adapter: the reference is the SFT policy (not the bare base),
   "reward"  the rm stage's adapter, frozen, with its score head kept beside it (align/rl/reward.py),
 and a value head Linear(hidden, 1) on the policy's last hidden states: the critic shares the policy's
-forward pass. By default it reads them detached and its gradients are clipped apart from the policy's:
-with the value loss reaching the policy adapter (ppo.shared_critic, the classic shared actor-critic) its
-gradient was 10-60x the policy's, and after joint clipping the critic set the update (docs/benchmarks.md,
-round 7). Only the policy adapter and the value head require grad. LoRA copies are
-megabytes; the base is loaded once.
+forward pass, but reads them detached and its gradients are clipped apart from the policy's. With the value
+loss reaching the policy adapter (the classic shared actor-critic) its gradient was 10-60x the policy's, and
+after joint clipping the critic set the update (docs/benchmarks.md, round 7). Only the policy adapter and the
+value head require grad. LoRA copies are megabytes; the base is loaded once.
 
 Here: switching adapters (use_adapter), the decoder's pieces (backbone, lm_head, last_hidden), loading the
 policy (load_policy), the trainable module (PolicyValue, new_value_head), and saving/loading one adapter's
@@ -125,26 +124,23 @@ class PolicyValue(nn.Module):
     """The trainable part, as one module (what DDP wraps): the policy adapter inside the PeftModel
     and the value head. forward -> (logits, values) at the R positions predicting the response tokens."""
 
-    def __init__(self, model, value_head: nn.Linear, shared_critic: bool = False):
+    def __init__(self, model, value_head: nn.Linear):
         super().__init__()
         self.model = model
         self.value_head = value_head
-        self.shared_critic = shared_critic  # True: the value loss also trains the policy adapter
 
     def forward(self, input_ids, attention_mask, n_response: int, temperature: float = 1.0):
         hidden = last_hidden(self.model, input_ids, attention_mask)[:, -n_response - 1:-1]
         logits = lm_head(self.model)(hidden).float() / temperature
-        critic_in = hidden if self.shared_critic else hidden.detach()
-        values = self.value_head(critic_in.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        # detached: the value loss trains the value head only, never the policy adapter
+        values = self.value_head(hidden.detach().to(self.value_head.weight.dtype)).squeeze(-1).float()
         return logits, values
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
     def clip_groups(self) -> list[list[nn.Parameter]]:
-        """Parameter groups clipped each on its own: one with a shared critic, else policy and value head."""
-        if self.shared_critic:
-            return [self.trainable()]
+        """Parameter groups clipped each on its own: the policy adapter, the value head."""
         head = {id(p) for p in self.value_head.parameters()}
         return [[p for p in self.trainable() if id(p) not in head], list(self.value_head.parameters())]
 

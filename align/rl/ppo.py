@@ -4,7 +4,7 @@
     score    -> reward-model score of each response (adapter "reward" + its score head), old log-probs
                 and values (adapter "policy" + value head), reference log-probs (adapter "ref")
     rewards  -> per token: -beta * KL(policy || ref), plus at the last response token the (normalised) score
-                and rule_weight * the rule reward (scaled per behaviour) when one is given (RuleReward); with
+                and rule_weight * the rule reward when one is given (RuleReward); with
                 ppo.samples_per_prompt > 1, that sum minus its mean over the other samples of the same prompt
     GAE      -> advantages and returns over the response tokens, advantages whitened
     update   -> several epochs of shuffled minibatches: clipped policy surrogate + clipped value loss,
@@ -88,7 +88,6 @@ class ScoredBatch:
     values: torch.Tensor  # (B, R) the value head's, masked
     advantages: torch.Tensor  # (B, R) whitened
     returns: torch.Tensor  # (B, R)
-    trained: torch.Tensor  # (B,) 1 where the policy loss reads the response (all, unless ppo.positive_only)
     raw: torch.Tensor  # (B,) the reward function's scores on this process
     all_raw: torch.Tensor  # the same gathered over processes
     kl: torch.Tensor  # (B,) per-token KL estimates summed over the response
@@ -111,19 +110,11 @@ def check_options(pcfg) -> None:
         raise AlignError(f"ppo.rule_judge must be keyword or classifier, got {pcfg.rule_judge!r}")
     if pcfg.select_prompts and not pcfg.save_every:
         raise AlignError("ppo.select_prompts picks among checkpoints: set ppo.save_every > 0")
-    if pcfg.positive_only and pcfg.samples_per_prompt < 2:
-        raise AlignError("ppo.positive_only compares each response with its siblings: set ppo.samples_per_prompt >= 2")
     if pcfg.rm_weight < 0 or (pcfg.rm_weight == 0 and not pcfg.rule_weight):
         raise AlignError(f"ppo.rm_weight must be >= 0, and above 0 unless ppo.rule_weight is (got rm_weight "
                          f"{pcfg.rm_weight}, rule_weight {pcfg.rule_weight}): PPO needs a reward")
-    if pcfg.mine_prompts < 0 or (pcfg.mine_prompts and (pcfg.mine_samples < 1 or pcfg.mine_max_new_tokens < 1)):
-        raise AlignError(f"ppo.mine_prompts ({pcfg.mine_prompts}) must be >= 0, and when on ppo.mine_samples "
-                         f"({pcfg.mine_samples}) and ppo.mine_max_new_tokens ({pcfg.mine_max_new_tokens}) >= 1")
     if pcfg.select_metric not in SELECT_METRICS:
         raise AlignError(f"ppo.select_metric must be one of {', '.join(SELECT_METRICS)}, got {pcfg.select_metric!r}")
-    scale = dict(pcfg.rule_scale)
-    if set(scale) - {"answer", "refuse"} or not all(isinstance(v, (int, float)) and v >= 0 for v in scale.values()):
-        raise AlignError(f"ppo.rule_scale must map answer and/or refuse to a weight >= 0, got {scale}")
 
 
 def train(policy_value: PolicyValue, inputs: LoopInputs, pcfg, accelerator) -> LoopState:
@@ -224,8 +215,6 @@ def score_rollout(policy_value: PolicyValue, batch: Rollout, reward_fn, state: L
     scores = scores + pcfg.rule_weight * rule
     if pcfg.samples_per_prompt > 1:
         scores = against_siblings(scores, pcfg.samples_per_prompt)
-    # which responses the policy loss reads: all, or with ppo.positive_only those at least as good as their siblings
-    trained = (scores >= 0).float() if pcfg.positive_only else torch.ones_like(scores)
     rewards, kl = per_token_rewards(scores, old_logp, ref_logp, mask, state.beta, pcfg.kl_estimator)
     if pcfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
@@ -235,8 +224,8 @@ def score_rollout(policy_value: PolicyValue, batch: Rollout, reward_fn, state: L
     per_sequence = pcfg.advantage_whitening == "sequence"
     advantages = masked_whiten(advantages, mask, weights=mask / mask.sum(-1, keepdim=True).clamp(min=1)
                                if per_sequence else None)
-    return ScoredBatch(old_logp=old_logp, values=values, advantages=advantages, returns=returns, trained=trained,
-                       raw=raw, all_raw=all_raw, kl=kl.sum(-1), rewards=rewards.sum(-1), rule=rule)
+    return ScoredBatch(old_logp=old_logp, values=values, advantages=advantages, returns=returns, raw=raw,
+                       all_raw=all_raw, kl=kl.sum(-1), rewards=rewards.sum(-1), rule=rule)
 
 
 def optimise(wrapped, policy_value: PolicyValue, optimizer, batch: Rollout, scored: ScoredBatch, pcfg, accelerator,
@@ -257,18 +246,17 @@ def optimise(wrapped, policy_value: PolicyValue, optimizer, batch: Rollout, scor
                     logits, values = wrapped(ids[idx], attn[idx], R, pcfg.temperature)
                     logp = logprobs_from_logits(logits, batch.response_ids[idx])
                     pg, pg_stats = policy_loss(logp, scored.old_logp[idx], scored.advantages[idx],
-                                               mask[idx] * scored.trained[idx, None], pcfg.cliprange)
+                                               mask[idx], pcfg.cliprange)
                     vf, vf_stats = value_loss(values, scored.values[idx], scored.returns[idx], mask[idx],
                                               pcfg.cliprange_value)
                     loss = pg + pcfg.vf_coef * vf
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and max_grad_norm:
-                        # grad_norm: the policy's (with a shared critic, the joint one); value_grad_norm: the head's
-                        groups = policy_value.clip_groups()
-                        norms = [float(accelerator.clip_grad_norm_(g, max_grad_norm)) for g in groups]
+                        # grad_norm: the policy's; value_grad_norm: the head's (each clipped on its own)
+                        norms = [float(accelerator.clip_grad_norm_(g, max_grad_norm))
+                                 for g in policy_value.clip_groups()]
                         stats.setdefault("grad_norm", []).append(norms[0])
-                        if len(norms) > 1:
-                            stats.setdefault("value_grad_norm", []).append(norms[1])
+                        stats.setdefault("value_grad_norm", []).append(norms[1])
                     optimizer.step()
                     optimizer.zero_grad()
                 with torch.no_grad():
@@ -301,9 +289,7 @@ def update_record(update: int, batch: Rollout, scored: ScoredBatch, stats: dict,
         "beta": beta,
         "response_length": lengths.float().mean().item(),
         "eos_rate": eos_rate,
-        # share of the rollouts the policy loss read (below 1 only with ppo.positive_only)
-        "trained_share": accelerator.gather(scored.trained).mean().item(),
-        # mean rule reward (times ppo.rule_scale): 1 when every rollout behaved as expected, -1 when none did
+        # mean rule reward: 1 when every rollout behaved as expected, -1 when none did
         **({"rule_mean": accelerator.gather(scored.rule).mean().item()} if with_rule else {}),
         **{k: float(v) for k, v in zip(keys, averaged.tolist())},
     }

@@ -162,26 +162,26 @@ class RuleReward:
     without an `expected`. Why: a reward model trained on the same prompts as the policy was no better than the
     policy at telling in-scope from off-scope (docs/benchmarks.md, round 6), and PPO drifted to answering."""
 
-    def __init__(self, judge, rows: list, scale: dict | None = None):
+    def __init__(self, judge, rows: list):
         self.judge = judge
-        # the rule's weight per expected behaviour; a behaviour left out or at 0 gets no rule (the RM judges it)
-        self.scale = {b: float(w) for b, w in (scale or {"answer": 1.0, "refuse": 1.0}).items() if w}
-        self.expected = {prompt_key(r["prompt"]): r["expected"] for r in rows if r.get("expected") in self.scale}
+        # answer and refuse prompts weigh alike (a lighter rule on answer prompts over-refused in 2 of 4 seeds,
+        # docs/benchmarks.md round 9)
+        self.expected = {prompt_key(r["prompt"]): r["expected"] for r in rows
+                         if r.get("expected") in ("answer", "refuse")}
         if not self.expected:
-            wanted = " or ".join(self.scale) or "a behaviour ppo.rule_scale weighs"
-            raise AlignError(f"ppo.rule_weight > 0 needs prompt rows expecting {wanted} (the "
+            raise AlignError("ppo.rule_weight > 0 needs prompt rows expecting answer or refuse (the "
                              "`expected` key); scope data (safety and scope_eval rows) gives them, plain prompt "
                              "rows do not: set ppo.rule_weight=0 to train on the reward model alone")
 
-    def scores(self, prompts: list, texts: list, scaled: bool = False) -> list[float]:
-        """+1/-1 (times the behaviour's scale when `scaled`, as in training) or 0 where no rule applies."""
+    def scores(self, prompts: list, texts: list) -> list[float]:
+        """+1 where the verdict is the behaviour the prompt expects, -1 where not, 0 where no rule applies."""
         verdicts = self.judge.judge([last_user(p) for p in prompts], texts)
         out = []
         for prompt, verdict in zip(prompts, verdicts):
             want = self.expected.get(prompt_key(prompt))
             sign = 1.0 if (verdict == REFUSED) == (want == "refuse") else -1.0
-            out.append(0.0 if want is None else sign * (self.scale[want] if scaled else 1.0))
+            out.append(0.0 if want is None else sign)
         return out
 
     def __call__(self, batch: Rollout) -> torch.Tensor:
-        return torch.tensor(self.scores(batch.prompts, batch.texts, scaled=True), device=batch.query_ids.device)
+        return torch.tensor(self.scores(batch.prompts, batch.texts), device=batch.query_ids.device)

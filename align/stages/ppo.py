@@ -2,22 +2,19 @@
 adapter as reward model (align/rl/ppo.py holds the loop; its parts sit beside it in align/rl/).
 
 Recipe: resolve sft + rm -> prompts -> base + adapters "policy", "ref", "reward" + value head
--> the rule reward's judge, when prompts carry their expected behaviour (ppo.rule_weight) -> optionally the
-rollout prompts mined from the SFT policy's mistakes (ppo.mine_prompts) -> PPO, scoring each
+-> the rule reward's judge, when prompts carry their expected behaviour (ppo.rule_weight) -> PPO, scoring each
 checkpoint on the dev prompts (ppo.select_prompts) -> the best checkpoint, or the last update
 -> held-out reward of the SFT policy vs the PPO policy -> save adapter + value head -> manifest.
 """
 
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from align import AlignError, adapters, models, runs, tracking
 from align.data import recipes, sources
@@ -57,17 +54,13 @@ class Loaded:
 
 
 def run(cfg) -> dict:
-    """The phases: check, set up, load, (mine prompts), train, keep the best, evaluate, save and finish."""
+    """The phases: check, set up, load, train, keep the best, evaluate, save and finish."""
     started = time.time()
     select_rows = check_before_loading(cfg)
     setup = prepare(cfg, select_rows)
     loaded = load_models(cfg, setup)
     tracker = tracking.start(cfg, "ppo", setup.main)
-    prompts = setup.train_rows
-    if cfg.ppo.mine_prompts:  # only those the SFT policy gets wrong
-        prompts = mine_prompts(cfg, loaded.model, setup.tokenizer, prompts, setup.rule_fn, setup.accelerator,
-                               ppo_seed(cfg), setup.out)
-    state, start = train(cfg, setup, loaded, prompts, tracker)
+    state, start = train(cfg, setup, loaded, tracker)
     selected = keep_best(cfg, setup, loaded, state, start)
     results = held_out_eval(cfg, setup, loaded)
     metrics = eval_metrics(cfg, setup, loaded, state, results, selected)
@@ -105,9 +98,6 @@ def prepare(cfg, select_rows: list) -> Setup:
     tokenizer = models.load_tokenizer(cfg.model)
     train_rows, eval_rows = recipes.load(cfg, "prompt", tokenizer)
     rule_fn = rule_reward(cfg, train_rows + eval_rows)
-    if cfg.ppo.mine_prompts and rule_fn is None:  # before the stage folder exists
-        raise AlignError("ppo.mine_prompts needs prompt rows with an expected behaviour (scope data); plain prompt "
-                         "rows have none: set ppo.mine_prompts=0")
     out = runs.prepare(cfg, "ppo", main_process=main)
     accelerator.wait_for_everyone()
     select_judge = None
@@ -126,7 +116,7 @@ def load_models(cfg, setup: Setup) -> Loaded:
     model = policy.load_policy(cfg.model, cfg.peft, setup.tokenizer, setup.sft_dir, device=setup.accelerator.device)
     score_head = reward.load_reward(model, setup.rm_dir)
     policy.check_trainable(model)
-    policy_value = policy.PolicyValue(model, policy.new_value_head(model), cfg.ppo.shared_critic)
+    policy_value = policy.PolicyValue(model, policy.new_value_head(model))
     counts = adapters.param_counts(model)
     if setup.main:
         log.info("trainable params: %d of %d (%.2f%%) + value head", counts["trainable_params"],
@@ -134,7 +124,7 @@ def load_models(cfg, setup: Setup) -> Loaded:
     return Loaded(model, policy_value, reward.rollout_reward(model, score_head, setup.tokenizer), counts)
 
 
-def train(cfg, setup: Setup, loaded: Loaded, prompts: list, tracker) -> tuple[ppo.LoopState, dict]:
+def train(cfg, setup: Setup, loaded: Loaded, tracker) -> tuple[ppo.LoopState, dict]:
     """The SFT policy's dev rates (with ppo.select_prompts), then the PPO loop. Returns its state and those rates."""
     metric, rows = cfg.ppo.select_metric, setup.select_rows
     start = score_policy(cfg, loaded.model, setup.tokenizer, rows, setup.select_judge, setup.accelerator,
@@ -142,7 +132,7 @@ def train(cfg, setup: Setup, loaded: Loaded, prompts: list, tracker) -> tuple[pp
     if start and setup.main:
         log.info("ppo start (SFT policy): %s", describe(start, metric, len(rows)))
     inputs = ppo.LoopInputs(
-        setup.tokenizer, prompts, loaded.reward_fn, rule_fn=setup.rule_fn, seed=ppo_seed(cfg),
+        setup.tokenizer, setup.train_rows, loaded.reward_fn, rule_fn=setup.rule_fn, seed=ppo_seed(cfg),
         max_prompt_length=cfg.trainer.max_length - cfg.ppo.max_new_tokens, max_grad_norm=cfg.trainer.max_grad_norm,
         weight_decay=cfg.trainer.weight_decay, out=setup.out, resume=cfg.run.resume,
         save_total_limit=cfg.trainer.save_total_limit, tracker=tracker, on_update=progress(cfg, setup, loaded, tracker),
@@ -270,7 +260,7 @@ def save_outputs(cfg, setup: Setup, loaded: Loaded, results: dict, metrics: dict
 
 
 # ----------------------------------------------------------------------------------------------
-# helpers: the accelerator, the seed, the rule reward, dev-prompt scores, mined prompts
+# helpers: the accelerator, the seed, the rule reward, dev-prompt scores
 # ----------------------------------------------------------------------------------------------
 
 
@@ -298,7 +288,7 @@ def rule_reward(cfg, rows: list):
     if not cfg.ppo.rule_weight and not any(r.get("expected") for r in rows):
         return None
     judge = judges.make_judge(cfg.ppo.rule_judge, refusal_openers=scope_openers(cfg.scope))
-    return reward.RuleReward(judge, rows, dict(cfg.ppo.rule_scale))
+    return reward.RuleReward(judge, rows)
 
 
 def score_policy(cfg, model, tokenizer, rows: list, judge, accelerator, adapter: str = policy.POLICY) -> dict:
@@ -318,76 +308,6 @@ def score_policy(cfg, model, tokenizer, rows: list, judge, accelerator, adapter:
     responses = [texts[i] for i in range(len(rows))]
     verdicts = judge.judge([r["prompt"] for r in rows], responses)
     return scope_metrics.compute_metrics([{**r, "verdict": v} for r, v in zip(rows, verdicts)])
-
-
-def mine_prompts(cfg, model, tokenizer, rows: list, rule_fn, accelerator, seed: int, out) -> list:
-    """The rollout prompts PPO learns from: the SFT policy samples ppo.mine_samples short answers to
-    ppo.mine_prompts distinct training prompts, and only prompts it got wrong at least once are kept, the smaller of
-    the two kinds (expected answers, expected refusals) repeated up to the larger. Why: PPO moved the answer rate as
-    a whole, not the boundary (docs/benchmarks.md, round 12); with as many chances to learn each behaviour, the push
-    toward answering and the push toward refusing should cancel where they share a cause. Measured: it did not stop
-    the drift toward answering (round 13)."""
-    pcfg = cfg.ppo
-    distinct = {reward.prompt_key(r["prompt"]): r for r in rows if r.get("expected") in ("answer", "refuse")}
-    pool = [distinct[k] for k in sorted(distinct)]
-    random.Random(seed).shuffle(pool)
-    pool = pool[:pcfg.mine_prompts]
-    saved = out / "mined_prompts.jsonl"
-    resumed = cfg.run.resume and saved.exists()  # minutes of sampling, and the same seed would find the same prompts
-    if resumed:
-        wrong = {reward.prompt_key(row["messages"]): row for row in map(json.loads, saved.read_text().splitlines())}
-    else:
-        started = time.time()
-        wrong = sample_mistakes(cfg, model, tokenizer, pool, distinct, rule_fn.judge, accelerator, seed)
-    kept = {want: [r for r in pool if wrong.get(reward.prompt_key(r["prompt"]), {}).get("wrong")
-                   and r["expected"] == want] for want in ("answer", "refuse")}
-    if resumed:
-        log.info("ppo mine: %d expected answers and %d expected refusals from %s", len(kept["answer"]),
-                 len(kept["refuse"]), saved)
-    elif accelerator.is_main_process:
-        log.info("ppo mine: %d prompts x %d samples of %d tokens in %.0fs; SFT got %d expected answers and %d "
-                 "expected refusals wrong at least once", len(pool), pcfg.mine_samples, pcfg.mine_max_new_tokens,
-                 time.time() - started, len(kept["answer"]), len(kept["refuse"]))
-        saved.write_text("".join(
-            json.dumps({"prompt": rollout.last_user(r["prompt"]), "expected": r["expected"],
-                        **wrong[reward.prompt_key(r["prompt"])], "messages": r["prompt"]}) + "\n"
-            for r in kept["answer"] + kept["refuse"]))
-    return balanced(kept, rows, len(pool))
-
-
-def sample_mistakes(cfg, model, tokenizer, pool: list, distinct: dict, judge, accelerator, seed: int) -> dict:
-    """prompt key -> {"wrong": how many of the SFT adapter's sampled answers the judge found wrong, "samples"}, over
-    all processes (each samples its share of the pool)."""
-    from accelerate.utils import gather_object
-
-    pcfg = cfg.ppo
-    encoded = rollout.encode_prompts(tokenizer, pool, cfg.trainer.max_length - pcfg.max_new_tokens)
-    mine = [e for e in encoded[accelerator.process_index::accelerator.num_processes] for _ in range(pcfg.mine_samples)]
-    gen = rollout.generation_config(tokenizer, model, pcfg.mine_max_new_tokens, True, pcfg.temperature, pcfg.top_p)
-    texts = []
-    torch.manual_seed(seed * 1000 + accelerator.process_index)
-    with accelerator.autocast():
-        for i in tqdm(range(0, len(mine), cfg.eval.batch_size), desc="ppo mine", leave=False,
-                      disable=not accelerator.is_main_process):
-            texts += rollout.rollout(model, tokenizer, mine[i:i + cfg.eval.batch_size], gen, policy.REF).texts
-    verdicts = judge.judge([rollout.last_user(m) for m, _ in mine], texts)
-    wrong: dict = {}
-    mine_results = [(reward.prompt_key(m), v, t) for (m, _), v, t in zip(mine, verdicts, texts)]
-    for key, verdict, text in gather_object(mine_results):
-        entry = wrong.setdefault(key, {"wrong": 0, "samples": []})
-        entry["wrong"] += (verdict == judges.REFUSED) != (distinct[key]["expected"] == "refuse")
-        entry["samples"].append(text)
-    return wrong
-
-
-def balanced(kept: dict, rows: list, n_mined: int) -> list:
-    """The mined prompts, the smaller kind repeated up to the larger; every row when one kind is missing."""
-    if not kept["answer"] or not kept["refuse"]:
-        log.warning("ppo mine: no mistakes of one kind on %d prompts; rolling out on all training prompts instead "
-                    "(raise ppo.mine_prompts or ppo.mine_samples)", n_mined)
-        return rows
-    small, large = sorted(kept.values(), key=len)
-    return large + [small[i % len(small)] for i in range(len(large))]
 
 
 def describe(rates: dict, metric: str, n: int) -> str:
