@@ -50,16 +50,16 @@ def native_cpu_bf16(cpuinfo: str | None = None) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(cpuinfo.split()))
 
 
-def cpu_autocast(cfg) -> bool:
+def cpu_autocast(model_cfg, peft_cfg) -> bool:
     """model.cpu_bf16: run CPU matmuls in bf16 under autocast (weights stay fp32). auto = on CPUs with native
     bf16, off for QLoRA (bitsandbytes' CPU kernels) and wherever CUDA is used (model.dtype governs there)."""
-    value = cfg.model.cpu_bf16
+    value = model_cfg.cpu_bf16
     if value not in ("auto", True, False):
         raise AlignError(f"model.cpu_bf16: expected auto, true or false, got {value!r}")
     if torch.cuda.is_available() or value is False:
         return False
     if value == "auto":
-        return native_cpu_bf16() and not cfg.peft.load_in_4bit and pick_dtype(cfg.model.dtype) == torch.float32
+        return native_cpu_bf16() and not peft_cfg.load_in_4bit and pick_dtype(model_cfg.dtype) == torch.float32
     return True
 
 
@@ -191,35 +191,41 @@ def quantization_config(pcfg, dtype):
     )
 
 
-def load_model(cfg, head: str = "causal", tokenizer=None, path: str | Path | None = None):
-    """Load the base model (or `path`, a fully fine-tuned one): head='causal' for generation, 'score' for a
-    scalar reward head."""
+def process_device() -> torch.device:
+    """The device of this process, as accelerate sees it: cuda:<LOCAL_RANK> under a launcher on a GPU machine, the
+    GPU on a one-GPU machine, else the CPU. Every model the project loads goes there (the one device rule)."""
+    from align.distributed import distributed_state
+
+    return distributed_state().device
+
+
+def load_model(model_cfg, peft_cfg, head: str = "causal", tokenizer=None, path: str | Path | None = None):
+    """The base model of `model_cfg` (or `path`, a fully fine-tuned one) on this process's device, in the precision
+    model.dtype asks for (4-bit when peft_cfg.load_in_4bit): head='causal' for generation, 'score' for a scalar
+    reward head. Training, generation, reward scoring and evaluation all load through here."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    dtype = pick_dtype(cfg.model.dtype)
+    dtype = pick_dtype(model_cfg.dtype)
+    device = process_device()
     kwargs = dict(
-        revision=cfg.model.revision,
-        trust_remote_code=cfg.model.trust_remote_code,
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
         dtype=dtype,
         use_safetensors=True,
     )
-    if cfg.model.attn_implementation:
-        kwargs["attn_implementation"] = cfg.model.attn_implementation
-    qcfg = quantization_config(cfg.peft, dtype)
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    qcfg = quantization_config(peft_cfg, dtype)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
-        kwargs["device_map"] = _device_map()
-    path = str(path) if path is not None else resolve(cfg.model.name_or_path)
+        kwargs["device_map"] = {"": device}  # bitsandbytes places the quantized weights as they load
+    path = str(path) if path is not None else resolve(model_cfg.name_or_path)
     if head == "score":
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if qcfg is None:
+        model = model.to(device)
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-def _device_map():
-    if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", 0))}
-    return {"": "cpu"}

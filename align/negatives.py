@@ -43,7 +43,7 @@ def policy_negatives(cfg, model, tokenizer, pairs: list) -> tuple[list, dict]:
     def write(prompts: list[list[dict]], barred: list[int] | None, desc: str) -> list[str]:
         texts, stats = chat_generate(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
                                      batch_size=cfg.eval.batch_size, desc=desc, begin_suppress_tokens=barred,
-                                     cpu_bf16=models.cpu_autocast(cfg))
+                                     cpu_bf16=models.cpu_autocast(cfg.model, cfg.peft))
         log.info("%s: %d answers at %.1f tokens/s", desc, len(texts), stats["tokens_per_second"])
         return texts
 

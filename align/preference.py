@@ -62,7 +62,7 @@ def train_from_sft(cfg, stage: str, config_cls, trainer_cls, to_rows=lambda rows
         raise AlignError(f"{stage}: {sft_dir} is not a PEFT adapter; {stage} trains on top of an sft adapter")
     out = runs.prepare(cfg, stage, main_process=main)
     tokenizer = models.load_tokenizer(cfg.model)
-    model = models.load_model(cfg, "causal", tokenizer)
+    model = models.load_model(cfg.model, cfg.peft, "causal", tokenizer)
     model = adapters.attach(model, cfg.peft, "CAUSAL_LM", init_from=str(sft_dir))
     train_rows, eval_rows, available, on_policy = preference_rows(cfg, stage, model, tokenizer, to_rows)
 

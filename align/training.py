@@ -38,7 +38,7 @@ def trainer_args(cfg, out: Path, tracker, config_cls, has_eval: bool, **stage_kw
         eval_steps=t.eval_steps,
         optim=t.optim,
         gradient_checkpointing=t.gradient_checkpointing,
-        bf16=dtype == torch.bfloat16 or models.cpu_autocast(cfg),
+        bf16=dtype == torch.bfloat16 or models.cpu_autocast(cfg.model, cfg.peft),
         use_cpu=not torch.cuda.is_available(),  # also makes torchrun's CPU processes one gloo group
         seed=cfg.seed,
         data_seed=cfg.seed,

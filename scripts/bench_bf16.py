@@ -24,7 +24,7 @@ def train_seconds(cfg, bf16: bool, steps: int, batch: int, length: int) -> tuple
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = models.load_model(cfg, "causal")
+    model = models.load_model(cfg.model, cfg.peft, "causal")
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
@@ -56,7 +56,7 @@ def main() -> None:
         rows_out.append(("train step (LoRA, 8x80)", bf16, s, f"loss after {args.steps + 1} steps {loss:.3f}"))
 
     tokenizer = models.load_tokenizer(cfg.model)
-    model = models.load_model(cfg, "causal", tokenizer)
+    model = models.load_model(cfg.model, cfg.peft, "causal", tokenizer)
     rows = recipes.load(cfg, "scope_eval")[1][: args.prompts]
     convs = scope_conversations(cfg.scope.system_prompt, [r["prompt"] for r in rows])
     gen = {}

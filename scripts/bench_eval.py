@@ -25,7 +25,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = compose(f"model={args.model}", "run.output_dir=/tmp/align-bench-eval", set_hydra_config=False)
     tokenizer = models.load_tokenizer(cfg.model)
-    model = models.load_model(cfg, "causal", tokenizer)
+    model = models.load_model(cfg.model, cfg.peft, "causal", tokenizer)
     rows = recipes.load(cfg, "scope_eval")[1]
     rows = rows[:: max(1, len(rows) // args.prompts)][: args.prompts]
     convs = scope_conversations(cfg.scope.system_prompt, [r["prompt"] for r in rows])

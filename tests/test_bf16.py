@@ -9,6 +9,10 @@ from align import AlignError, models, training, tracking
 from align.generation import chat_generate
 
 
+def autocast(cfg) -> bool:
+    return models.cpu_autocast(cfg.model, cfg.peft)
+
+
 def test_native_bf16_read_from_cpu_flags():
     assert models.native_cpu_bf16("flags : fpu sse2 avx2 avx512f avx512_bf16 avx512vl")
     assert models.native_cpu_bf16("flags : fpu amx_bf16 amx_tile")
@@ -16,15 +20,15 @@ def test_native_bf16_read_from_cpu_flags():
 
 
 def test_cpu_bf16_setting(tmp_path, monkeypatch):
-    assert not models.cpu_autocast(compose(tmp_path, *SFT_ARGS))  # tiny pins it off: exact fp32 tests
-    assert models.cpu_autocast(compose(tmp_path, *SFT_ARGS, "model.cpu_bf16=true"))
+    assert not autocast(compose(tmp_path, *SFT_ARGS))  # tiny pins it off: exact fp32 tests
+    assert autocast(compose(tmp_path, *SFT_ARGS, "model.cpu_bf16=true"))
     monkeypatch.setattr(models, "native_cpu_bf16", lambda cpuinfo=None: True)
-    assert models.cpu_autocast(compose(tmp_path, *SFT_ARGS, "model.cpu_bf16=auto"))
-    assert not models.cpu_autocast(compose(tmp_path, *SFT_ARGS, "model.cpu_bf16=auto", "peft=qlora"))
+    assert autocast(compose(tmp_path, *SFT_ARGS, "model.cpu_bf16=auto"))
+    assert not autocast(compose(tmp_path, *SFT_ARGS, "model.cpu_bf16=auto", "peft=qlora"))
     monkeypatch.setattr(models, "native_cpu_bf16", lambda cpuinfo=None: False)
-    assert not models.cpu_autocast(compose(tmp_path, *SFT_ARGS, "model.cpu_bf16=auto"))
+    assert not autocast(compose(tmp_path, *SFT_ARGS, "model.cpu_bf16=auto"))
     with pytest.raises(AlignError, match="model.cpu_bf16"):
-        models.cpu_autocast(compose(tmp_path, *SFT_ARGS, "model.cpu_bf16=maybe"))
+        autocast(compose(tmp_path, *SFT_ARGS, "model.cpu_bf16=maybe"))
 
 
 def test_bf16_sft_learns_and_trainer_runs_mixed(tmp_path):
@@ -45,7 +49,7 @@ def test_bf16_sft_learns_and_trainer_runs_mixed(tmp_path):
 def test_generation_runs_under_autocast(tmp_path):
     cfg = compose(tmp_path, *SFT_ARGS)
     tokenizer = models.load_tokenizer(cfg.model)
-    model = models.load_model(cfg, "causal", tokenizer)
+    model = models.load_model(cfg.model, cfg.peft, "causal", tokenizer)
     seen = []
     hook = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
     convs = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "what is a tax credit?"}]]

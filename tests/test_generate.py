@@ -36,11 +36,11 @@ def test_switching_adapters_matches_each_adapter_alone(tmp_path):
 
     cfg = compose(tmp_path, *TINY, "scope=none", "generate.max_new_tokens=8")
     tok = models.load_tokenizer(cfg.model)
-    shared = load_adapters(models.load_model(cfg, "causal", tok), paths)
+    shared = load_adapters(models.load_model(cfg.model, cfg.peft, "causal", tok), paths)
     ids = tok("How do refunds work?", return_tensors="pt").input_ids
     logits = {}
     for name, path in paths.items():
-        alone = PeftModel.from_pretrained(models.load_model(cfg, "causal", tok), str(path))
+        alone = PeftModel.from_pretrained(models.load_model(cfg.model, cfg.peft, "causal", tok), str(path))
         texts = answer(alone, tok, cfg, ["What is a W-2?", "How do refunds work?"], None)
         assert texts == [switched[(name, "What is a W-2?")], switched[(name, "How do refunds work?")]]
         shared.set_adapter(name)
@@ -64,7 +64,7 @@ def test_refusal_openers_are_suppressed_only_at_the_first_token(tmp_path):
     cfg = compose(tmp_path, *TINY, "scope=tax_assistant")
     tok = models.load_tokenizer(cfg.model)
     assert refusal_openers(cfg, tok) == tok("Sorry", add_special_tokens=False)["input_ids"][:1]
-    model = models.load_model(cfg, "causal", tok)
+    model = models.load_model(cfg.model, cfg.peft, "causal", tok)
     convs = [[{"role": "user", "content": "What is a W-2?"}]]
     text = tok.apply_chat_template(convs[0], tokenize=False, add_generation_prompt=True)
     with torch.no_grad():

@@ -59,7 +59,7 @@ def model_generate(cfg, max_new_tokens: int):
     path = None if name == "base" else models.resolve(name)
     try:
         tokenizer = models.load_tokenizer(cfg.model) if path is None else _tokenizer(path, cfg)
-        model = models.load_model(cfg, tokenizer=tokenizer, path=path)
+        model = models.load_model(cfg.model, cfg.peft, tokenizer=tokenizer, path=path)
     except OSError as e:
         raise AlignError(f"data.teacher: could not load {name!r} ({e})") from None
     system = " ".join(filter(None, [cfg.scope.system_prompt, BRIEF]))
@@ -67,7 +67,7 @@ def model_generate(cfg, max_new_tokens: int):
     def generate(prompts: list[str]) -> list[str]:
         texts, stats = chat_generate(model, tokenizer, scope_conversations(system, prompts),
                                      max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size,
-                                     desc="teacher answers", cpu_bf16=models.cpu_autocast(cfg))
+                                     desc="teacher answers", cpu_bf16=models.cpu_autocast(cfg.model, cfg.peft))
         log.info("data.teacher: %d answers at %.1f tokens/s", len(texts), stats["tokens_per_second"])
         return texts
 

@@ -211,7 +211,8 @@ def _load_llm(model_name_or_path: str):
     from align import models
 
     path = models.resolve(model_name_or_path)
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(models.process_device())
+    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ weights and the value head in PEFT's and safetensors' formats.
 
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -86,7 +85,7 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-def load_policy(model_cfg, peft_cfg, tokenizer, sft_adapter: Path | str, device=None):
+def load_policy(model_cfg, peft_cfg, tokenizer, sft_adapter: Path | str):
     """The base of `model_cfg` (the model section; 4-bit if peft_cfg.load_in_4bit) with the SFT adapter twice:
     "policy" (trainable) and "ref" (frozen reference). Dropout off. Returns the PeftModel with "policy" active."""
     from peft import prepare_model_for_kbit_training
@@ -98,12 +97,9 @@ def load_policy(model_cfg, peft_cfg, tokenizer, sft_adapter: Path | str, device=
     if peft_cfg.method == "full" or not (sft_adapter / "adapter_config.json").exists():
         raise AlignError(f"ppo trains a LoRA-family adapter on a frozen base: {sft_adapter} is not a PEFT adapter "
                          f"folder; run sft with peft=lora, qlora or dora (peft=full is not supported by ppo)")
-    # models.load_model reads the model and peft sections of a config, and nothing else
-    base = models.load_model(SimpleNamespace(model=model_cfg, peft=peft_cfg), "causal", tokenizer)
+    base = models.load_model(model_cfg, peft_cfg, "causal", tokenizer)
     if peft_cfg.load_in_4bit:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    elif device is not None:
-        base = base.to(device)
     model = adapters.load(base, sft_adapter, adapter_name=POLICY, is_trainable=True)
     model.load_adapter(str(sft_adapter), adapter_name=REF, is_trainable=False)
     model.set_adapter(POLICY)

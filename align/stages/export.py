@@ -19,7 +19,7 @@ def run(cfg) -> dict:
         raise AlignError("export merges into full-precision weights; run it with peft=lora (not qlora)")
     out = runs.prepare(cfg, "export")
     tokenizer = models.load_tokenizer(cfg.model)
-    base = models.load_model(cfg, "causal", tokenizer)
+    base = models.load_model(cfg.model, cfg.peft, "causal", tokenizer)
     merged = adapters.load(base, source).merge_and_unload()
     target = out / "model"
     merged.save_pretrained(target, safe_serialization=cfg.export.safe_serialization)

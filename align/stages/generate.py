@@ -72,7 +72,7 @@ def answer(model, tokenizer, cfg, prompts: list[str], adapter: str | None) -> li
         model.set_adapter(adapter)
     texts, _ = chat_generate(model, tokenizer, convs, cfg.generate.max_new_tokens, batch_size=cfg.eval.batch_size,
                              do_sample=cfg.generate.do_sample, desc=f"answering ({adapter or 'base'})",
-                             cpu_bf16=models.cpu_autocast(cfg))
+                             cpu_bf16=models.cpu_autocast(cfg.model, cfg.peft))
     return texts
 
 
@@ -82,7 +82,7 @@ def run(cfg) -> dict:
     paths = adapter_paths(cfg)
     out = runs.prepare(cfg, "generate")
     tokenizer = models.load_tokenizer(cfg.model)
-    model = load_adapters(models.load_model(cfg, "causal", tokenizer), paths)
+    model = load_adapters(models.load_model(cfg.model, cfg.peft, "causal", tokenizer), paths)
     rows = []
     for adapter in (list(paths) or [None]):
         for prompt, text in zip(prompts, answer(model, tokenizer, cfg, prompts, adapter)):

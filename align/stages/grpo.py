@@ -36,7 +36,7 @@ def run(cfg) -> dict:
     train_rows, eval_rows = recipes.load(cfg, "prompt", tokenizer)
     log.info("grpo: %d train prompts, %d eval prompts", len(train_rows), len(eval_rows))
 
-    model = models.load_model(cfg, "causal", tokenizer)
+    model = models.load_model(cfg.model, cfg.peft, "causal", tokenizer)
     model = adapters.attach(model, cfg.peft, "CAUSAL_LM", init_from=str(sft_dir))
     score_head = reward.load_reward(model, rm_dir)
     policy.disable_dropout(model)  # deterministic reward scores and log-probs (TRL's disable_dropout, applied here)

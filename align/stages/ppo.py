@@ -113,7 +113,7 @@ def prepare(cfg, select_rows: list) -> Setup:
 
 def load_models(cfg, setup: Setup) -> Loaded:
     """The base with the SFT adapter as "policy" and "ref", the rm adapter as "reward", and a new value head."""
-    model = policy.load_policy(cfg.model, cfg.peft, setup.tokenizer, setup.sft_dir, device=setup.accelerator.device)
+    model = policy.load_policy(cfg.model, cfg.peft, setup.tokenizer, setup.sft_dir)
     score_head = reward.load_reward(model, setup.rm_dir)
     policy.check_trainable(model)
     policy_value = policy.PolicyValue(model, policy.new_value_head(model))
@@ -269,7 +269,7 @@ def accelerator_for(cfg):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    precision = "bf16" if models.cpu_autocast(cfg) else "no"
+    precision = "bf16" if models.cpu_autocast(cfg.model, cfg.peft) else "no"
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
         # an earlier run in this process (tests, a notebook) fixed another precision; the state is a singleton
         AcceleratorState._reset_state()

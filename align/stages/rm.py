@@ -96,7 +96,7 @@ def policy_negatives(cfg, tokenizer, sft_dir, rows: list[dict]) -> tuple[list[di
         log.info("rm: no SFT adapter to write on-policy negatives (rm.init=%s, peft=%s); templates stay",
                  cfg.rm.init, cfg.peft.method)
         return rows, {}
-    policy = adapters.attach(models.load_model(cfg, "causal", tokenizer), cfg.peft, "CAUSAL_LM",
+    policy = adapters.attach(models.load_model(cfg.model, cfg.peft, "causal", tokenizer), cfg.peft, "CAUSAL_LM",
                              init_from=str(sft_dir))
     rows, on_policy = negatives.policy_negatives(cfg, policy, tokenizer, rows)
     del policy
@@ -127,7 +127,7 @@ def run(cfg) -> dict:
     eval_rows = fit_pairs(eval_rows, tokenizer, cfg.trainer.max_length)
     log.info("rm: %d train pairs, %d eval pairs", len(train_rows), len(eval_rows))
 
-    model = models.load_model(cfg, "score", tokenizer)
+    model = models.load_model(cfg.model, cfg.peft, "score", tokenizer)
     model = adapters.attach(model, cfg.peft, "SEQ_CLS")
     if sft_dir is not None and not adapters.saves_full_model(cfg.peft):
         n = init_from_adapter(model, sft_dir)

@@ -117,12 +117,12 @@ def answer_and_judge(cfg, adapter: Path | None, rows: list[dict], judge) -> tupl
     """Judged responses of the model ("after") and, with eval.compare_base, of the base ("before")."""
     tokenizer = models.load_tokenizer(cfg.model)
     full = adapter is not None and not is_adapter(adapter)
-    model = models.load_model(cfg, "causal", tokenizer, path=adapter if full else None)
+    model = models.load_model(cfg.model, cfg.peft, "causal", tokenizer, path=adapter if full else None)
     if adapter is not None and not full:
         model = adapters.load(model, adapter)
     convs = scope_conversations(cfg.scope.system_prompt, [r["prompt"] for r in rows])
     gen = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, do_sample=cfg.eval.do_sample,
-               cpu_bf16=models.cpu_autocast(cfg))
+               cpu_bf16=models.cpu_autocast(cfg.model, cfg.peft))
     results, speed = {}, {}
     responses, speed["after"] = chat_generate(model, tokenizer, convs, desc="answering (after)", **gen)
     results["after"] = judged(rows, responses, judge.judge([r["prompt"] for r in rows], responses),
@@ -130,7 +130,7 @@ def answer_and_judge(cfg, adapter: Path | None, rows: list[dict], judge) -> tupl
     if adapter is not None and cfg.eval.compare_base:
         if full:  # a second model: the base, loaded once the fine-tuned one is gone
             del model
-            model = models.load_model(cfg, "causal", tokenizer)
+            model = models.load_model(cfg.model, cfg.peft, "causal", tokenizer)
         with nullcontext() if full else model.disable_adapter():
             responses, speed["before"] = chat_generate(model, tokenizer, convs, desc="answering (before)", **gen)
         results["before"] = judged(rows, responses, judge.judge([r["prompt"] for r in rows], responses),

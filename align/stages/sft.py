@@ -44,7 +44,7 @@ def run(cfg) -> dict:
         eval_rows = [{"messages": r["messages"]} for r in eval_rows]
     log.info("sft: %d train rows, %d eval rows", len(train_rows), len(eval_rows))
 
-    model = models.load_model(cfg, "causal", tokenizer)
+    model = models.load_model(cfg.model, cfg.peft, "causal", tokenizer)
     model = adapters.attach(model, cfg.peft, "CAUSAL_LM", init_from=cfg.stage.init_from)
     counts = adapters.param_counts(model)
     log.info("trainable params: %d of %d (%.2f%%)", counts["trainable_params"], counts["total_params"],
