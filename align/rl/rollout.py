@@ -12,7 +12,9 @@ mask is a float tensor of 1 (real response token) and 0 (padding after the first
 
 import logging
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -127,6 +129,18 @@ def evaluate(model, tokenizer, prompts, reward_fn, adapter_name: str, max_new_to
         lengths += batch.response_mask.sum(-1).cpu().tolist()
         samples += [(p, t, float(x)) for p, t, x in zip(batch.prompts, batch.texts, s)]
     return {"scores": scores, "eos": eos, "lengths": lengths, "samples": samples}
+
+
+def compare(model, tokenizer, prompts, reward_fn, adapters: dict, max_new_tokens: int, batch_size: int,
+            context: Callable = nullcontext) -> dict:
+    """The held-out comparison of ppo and grpo: `evaluate` once per {name: adapter} (None: adapters disabled, the
+    base), each inside `context()` (e.g. accelerate's autocast). Returns {name: evaluate's dict}."""
+    results = {}
+    for name, adapter in adapters.items():
+        with (model.disable_adapter() if adapter is None else nullcontext()), context():
+            active = adapter if adapter is not None else model.active_adapter
+            results[name] = evaluate(model, tokenizer, prompts, reward_fn, active, max_new_tokens, batch_size)
+    return results
 
 
 def prompt_batch(prompts: list, update: int, batch_size: int, rank: int, world: int, seed: int) -> list:

@@ -85,15 +85,8 @@ def held_out_eval(cfg, model, score_head, tokenizer, held_out: list) -> dict:
     encoded = rollout.encode_prompts(tokenizer, held_out, cfg.trainer.max_length)
     score = reward.rollout_reward(model, score_head, tokenizer)
     before = "ref" if "ref" in model.peft_config else None
-    results = {}
-    for name, adapter in (("sft", before), ("grpo", "default")):
-        if adapter is None:
-            with model.disable_adapter():
-                results[name] = rollout.evaluate(model, tokenizer, encoded, score, "default",
-                                                 cfg.grpo.max_completion_length, cfg.eval.batch_size)
-        else:
-            results[name] = rollout.evaluate(model, tokenizer, encoded, score, adapter,
-                                             cfg.grpo.max_completion_length, cfg.eval.batch_size)
+    results = rollout.compare(model, tokenizer, encoded, score, {"sft": before, "grpo": "default"},
+                              cfg.grpo.max_completion_length, cfg.eval.batch_size)
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     metrics = {"eval/reward_sft": mean(results["sft"]["scores"]), "eval/reward_grpo": mean(results["grpo"]["scores"])}
     metrics["eval/reward_delta"] = metrics["eval/reward_grpo"] - metrics["eval/reward_sft"]

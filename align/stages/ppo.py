@@ -190,13 +190,10 @@ def held_out_eval(cfg, setup: Setup, loaded: Loaded) -> dict:
         held_out = held_out[: cfg.eval.max_prompts]
     encoded = rollout.encode_prompts(setup.tokenizer, held_out, cfg.trainer.max_length - cfg.ppo.max_new_tokens)
     shard = encoded[accelerator.process_index::accelerator.num_processes]
-    results = {}
-    for name, adapter in (("sft", policy.REF), ("ppo", policy.POLICY)):
-        with accelerator.autocast():
-            r = rollout.evaluate(loaded.model, setup.tokenizer, shard, loaded.reward_fn, adapter,
-                                 cfg.ppo.max_new_tokens, cfg.eval.batch_size)
-        results[name] = {k: gather_object(v) for k, v in r.items()}
-    return results
+    results = rollout.compare(loaded.model, setup.tokenizer, shard, loaded.reward_fn,
+                              {"sft": policy.REF, "ppo": policy.POLICY}, cfg.ppo.max_new_tokens, cfg.eval.batch_size,
+                              context=accelerator.autocast)
+    return {name: {k: gather_object(v) for k, v in r.items()} for name, r in results.items()}
 
 
 def eval_metrics(cfg, setup: Setup, loaded: Loaded, state: ppo.LoopState, results: dict, selected: dict) -> dict:
