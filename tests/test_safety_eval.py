@@ -72,8 +72,8 @@ def test_full_fine_tune_is_evaluated_as_a_model_beside_the_base(tmp_path, monkey
               "trainer.max_steps=4", "trainer.learning_rate=2e-3")
     loaded, load = [], models.load_model
 
-    def spy(cfg, head="causal", tokenizer=None, path=None):
-        model = load(cfg, head, tokenizer, path)
+    def spy(model_cfg, peft_cfg, head="causal", tokenizer=None, path=None):
+        model = load(model_cfg, peft_cfg, head, tokenizer, path)
         loaded.append((path, model.get_input_embeddings().weight.detach().clone()))
         return model
 
