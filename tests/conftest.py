@@ -8,6 +8,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the suite stays offline: the default recipe (tax_scoped) reads public harm prompts and jailbreak templates from
+# the PyRIT wheel, which tests read from its cut in tests/fixtures/public/pyrit instead of downloading it
+os.environ.setdefault("ALIGN_PYRIT_WHEEL", str(Path(__file__).resolve().parent / "fixtures" / "public" / "pyrit"))
 
 # fast settings for the tiny model: every stage runs in seconds
 TINY = ["model=tiny", "tracking=none", "trainer.logging_steps=1", "trainer.save_steps=1000"]

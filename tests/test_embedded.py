@@ -36,7 +36,7 @@ def test_every_shipped_training_row_leaves_room_for_its_answer():
     from align.config import compose
     from align.data import recipes
 
-    cfg = compose("stage=sft", "tracking=none")
+    cfg = compose("stage=sft", "tracking=none", "data=tax_assistant")
     assert cfg.data.recipe == "tax_assistant" and cfg.trainer.max_length == 80
     tokenizer = models.load_tokenizer(cfg.model)
     built = recipes.build(cfg, tokenizer)

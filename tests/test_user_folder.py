@@ -43,7 +43,7 @@ def test_data_brings_its_scope_unless_scope_is_given(tmp_path, monkeypatch):
 def test_a_recipe_built_under_another_scope_is_one_line(tmp_path):
     res = cli("stage=data", "model=tiny", "tracking=none", "scope=none", f"run.output_dir={tmp_path}")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
-    assert "data recipe 'tax_assistant' is written for scope 'tax_assistant', but the scope composed is named 'none'" \
+    assert "data recipe 'tax_scoped' is written for scope 'tax_assistant', but the scope composed is named 'none'" \
         in res.stderr
     assert not (tmp_path / "default" / "data").exists()
 

@@ -18,7 +18,7 @@ GROUPS = {
     "model": ("smollm2_135m", "the base model"),
     "peft": ("lora", "the adapter method"),
     "trainer": ("default", "optimisation settings shared by the training stages"),
-    "data": ("tax_assistant", "the data recipe; it brings its scope= unless one is given"),
+    "data": ("tax_scoped", "the data recipe; it brings its scope= unless one is given"),
     "scope": ("tax_assistant", "the scope card: what the assistant answers and how it declines the rest"),
     "tracking": ("wandb", "experiment tracking: wandb or none"),
     "stage": ("pipeline", "the stage to run"),
