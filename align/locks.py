@@ -19,8 +19,9 @@ from align import AlignError
 log = logging.getLogger(__name__)
 
 
-def lock_path(cfg, stage: str) -> Path:
-    return Path(cfg.run.output_dir) / cfg.run.name / f".{stage}.lock"
+def lock_path(run, stage: str) -> Path:
+    """outputs/<run.name>/.<stage>.lock for the `run` section."""
+    return Path(run.output_dir) / run.name / f".{stage}.lock"
 
 
 _HELD: set[Path] = set()
@@ -62,16 +63,16 @@ def _alive(pid) -> bool:
     return True
 
 
-def acquire(cfg, stage: str) -> None:
+def acquire(run, stage: str) -> None:
     """Hold the stage's lock (a file with our pid and host), or refuse in one line while another process does."""
-    path, me = lock_path(cfg, stage), _me()
+    path, me = lock_path(run, stage), _me()
     path.parent.mkdir(parents=True, exist_ok=True)
     with _guard(path.parent):
         holder = _holder(path)
         if holder is not None and holder != me:
             if holder["host"] != me["host"] or _alive(holder["pid"]):
                 raise AlignError(f"another process (pid {holder['pid']}, host {holder['host']}) holds run "
-                                 f"'{cfg.run.name}' stage {stage} ({path}); wait for it to end, or delete that "
+                                 f"'{run.name}' stage {stage} ({path}); wait for it to end, or delete that "
                                  f"file if the process is gone")
             log.warning("%s: taking over the lock of pid %s, which is no longer running", path, holder["pid"])
         tmp = path.with_name(path.name + f".{me['pid']}.tmp")
@@ -89,8 +90,8 @@ def _release(path: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def release(cfg, stage: str) -> None:
-    _release(lock_path(cfg, stage))
+def release(run, stage: str) -> None:
+    _release(lock_path(run, stage))
 
 
 @atexit.register

@@ -8,42 +8,44 @@ earns reward by answering off-scope prompts in its own words. dpo, kto and rm al
 
 import logging
 
-from align import models
 from align.generation import chat_generate
 
 log = logging.getLogger(__name__)
 
 
-def refusal_openers(cfg, tokenizer) -> list[int]:
-    """First tokens of the scope's refusal and unsafe templates (crisis replies open like ordinary answers)."""
+def refusal_openers(scope_cfg, tokenizer) -> list[int]:
+    """First tokens of the scope card's refusal and unsafe templates (crisis replies open like ordinary answers)."""
     from align.data import scope as scope_mod
 
-    templates = [*(cfg.scope.refusal_templates or scope_mod.DEFAULT_REFUSALS),
-                 *(cfg.scope.unsafe_templates or scope_mod.DEFAULT_UNSAFE)]
+    templates = [*(scope_cfg.refusal_templates or scope_mod.DEFAULT_REFUSALS),
+                 *(scope_cfg.unsafe_templates or scope_mod.DEFAULT_UNSAFE)]
     return sorted({tokenizer(t.strip(), add_special_tokens=False)["input_ids"][0] for t in templates if t.strip()})
 
 
-def uses_policy(cfg) -> bool:
-    return "policy" in (cfg.data.rejected_source, cfg.data.chosen_source)
+def uses_policy(data_cfg) -> bool:
+    """Whether the `data` section asks for either side of the pairs from the policy."""
+    return "policy" in (data_cfg.rejected_source, data_cfg.chosen_source)
 
 
-def policy_negatives(cfg, model, tokenizer, pairs: list) -> tuple[list, dict]:
+def policy_negatives(model, tokenizer, pairs: list, data_cfg, scope_cfg, eval_cfg, cpu_bf16: bool = False
+                     ) -> tuple[list, dict]:
     """data.rejected_source=policy: the policy answers each refuse pair's prompt with its refusal openers
     suppressed at the first token, i.e. how it would comply; where that answer does comply (keyword judge) it
     becomes the rejected side (see scope.with_policy_rejected). The in-scope pairs' rejected refusals are
     already what a policy trained on those templates says, so both sides push on the policy's own behaviour.
     data.chosen_source=policy: the in-scope pairs' chosen side becomes the policy's own greedy answer where it
-    answers (scope.with_policy_chosen). Returns (pairs, {metric: number of pairs swapped})."""
+    answers (scope.with_policy_chosen). The policy writes greedily, eval.max_new_tokens at most, eval.batch_size
+    prompts at a time. Returns (pairs, {metric: number of pairs swapped})."""
     from align.data.scope import refusal_openers as scope_openers, with_policy_chosen, with_policy_rejected
     from align.evaluation.judges import REFUSED, make_judge
 
-    judge = make_judge("keyword", refusal_openers=scope_openers(cfg.scope))
-    suppress = refusal_openers(cfg, tokenizer)
+    judge = make_judge("keyword", refusal_openers=scope_openers(scope_cfg))
+    suppress = refusal_openers(scope_cfg, tokenizer)
 
     def write(prompts: list[list[dict]], barred: list[int] | None, desc: str) -> list[str]:
-        texts, stats = chat_generate(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.eval.batch_size, desc=desc, begin_suppress_tokens=barred,
-                                     cpu_bf16=models.cpu_autocast(cfg.model, cfg.peft))
+        texts, stats = chat_generate(model, tokenizer, prompts, max_new_tokens=eval_cfg.max_new_tokens,
+                                     batch_size=eval_cfg.batch_size, desc=desc, begin_suppress_tokens=barred,
+                                     cpu_bf16=cpu_bf16)
         log.info("%s: %d answers at %.1f tokens/s", desc, len(texts), stats["tokens_per_second"])
         return texts
 
@@ -51,13 +53,13 @@ def policy_negatives(cfg, model, tokenizer, pairs: list) -> tuple[list, dict]:
         return judge.judge([prompt], [answer])[0] == REFUSED
 
     counts = {}
-    if cfg.data.rejected_source == "policy":
+    if data_cfg.rejected_source == "policy":
         pairs, swapped = with_policy_rejected(
             pairs, lambda p: write(p, suppress, "on-policy rejected answers"), refused)
         log.info("on-policy negatives: the policy complied with %d of %d refuse prompts; those answers are the "
                  "rejected side, the rest keep the template", swapped, sum(1 for p in pairs if p.get("refuse")))
         counts["data/on_policy_rejected"] = swapped
-    if cfg.data.chosen_source == "policy":
+    if data_cfg.chosen_source == "policy":
         pairs, kept = with_policy_chosen(pairs, lambda p: write(p, None, "on-policy chosen answers"), refused)
         log.info("on-policy positives: the policy answered %d of %d in-scope prompts; those answers are the "
                  "chosen side, the rest keep the reference answer", kept,

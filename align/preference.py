@@ -39,12 +39,13 @@ def preference_rows(cfg, stage: str, model, tokenizer, to_rows) -> tuple[list, l
         pairs_train = interleave_refusals(pairs_train)
     train_rows = to_rows(pairs_train)
     available, on_policy = len(train_rows), {}
-    if negatives.uses_policy(cfg):
+    if negatives.uses_policy(cfg.data):
         # generation is the costly part: only for the pairs training reaches (eval pairs keep the fixed templates)
-        reached = training.rows_for_steps(cfg, pairs_train)
-        pairs_train, on_policy = negatives.policy_negatives(cfg, model, tokenizer, reached)
+        reached = training.rows_for_steps(cfg.trainer, pairs_train)
+        pairs_train, on_policy = negatives.policy_negatives(model, tokenizer, reached, cfg.data, cfg.scope,
+                                                                 cfg.eval, models.cpu_autocast(cfg.model, cfg.peft))
         train_rows = to_rows(pairs_train)
-    train_rows, eval_rows = training.rows_for_steps(cfg, train_rows), to_rows(pairs_eval)
+    train_rows, eval_rows = training.rows_for_steps(cfg.trainer, train_rows), to_rows(pairs_eval)
     if len(train_rows) < available:
         # with precomputed reference log-probs, rows training never reaches would cost a forward each
         log.info("%s: trainer.max_steps=%d uses %d of %d train rows (already shuffled)", stage,
@@ -57,10 +58,10 @@ def train_from_sft(cfg, stage: str, config_cls, trainer_cls, to_rows=lambda rows
     """The shared recipe of the offline preference stages (dpo, kto): SFT adapter in, policy adapter out."""
     started = time.time()
     main = training.is_main_process()
-    sft_dir = runs.adapter_of(runs.find_parent(cfg, ("sft",), cfg.stage.init_from, needed_by=stage))
+    sft_dir = runs.adapter_of(runs.find_parent(cfg.run, ("sft",), cfg.stage.init_from, needed_by=stage))
     if not (sft_dir / "adapter_config.json").exists():
         raise AlignError(f"{stage}: {sft_dir} is not a PEFT adapter; {stage} trains on top of an sft adapter")
-    out = runs.prepare(cfg, stage, main_process=main)
+    out = runs.prepare(cfg.run, stage, main_process=main)
     tokenizer = models.load_tokenizer(cfg.model)
     model = models.load_model(cfg.model, cfg.peft, "causal", tokenizer)
     model = adapters.attach(model, cfg.peft, "CAUSAL_LM", init_from=str(sft_dir))
@@ -81,10 +82,7 @@ def train_from_sft(cfg, stage: str, config_cls, trainer_cls, to_rows=lambda rows
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
     )
-    kept = training.count_kept(trainer, cfg, stage, len(train_rows), len(eval_rows))
-    training.restore_trainable_dtype(trainer, cfg)
-    metrics = training.train(trainer, cfg, out)
-    metrics.update(kept)
+    metrics = training.fit(trainer, cfg, stage, out, len(train_rows), len(eval_rows))
     metrics["data/train_rows_available"] = available
     metrics.update(on_policy)
     last = [h for h in trainer.state.log_history if any(k in h for k in REWARD_KEYS)]
@@ -97,6 +95,6 @@ def train_from_sft(cfg, stage: str, config_cls, trainer_cls, to_rows=lambda rows
     policy = trainer.accelerator.unwrap_model(trainer.model)
     if "ref" in getattr(policy, "peft_config", {}):
         policy.delete_adapter("ref")  # TRL's frozen reference copy; only the trained policy is saved
-    saved = training.save_model(trainer, cfg, out, tokenizer)
+    saved = training.save_model(trainer, cfg.peft, out, tokenizer)
     return training.finish(trainer, tracker, cfg, out, stage, metrics, saved, {"sft": sft_dir},
                            recipes.fingerprint(cfg), started)

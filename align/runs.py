@@ -32,45 +32,45 @@ CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.s
                       "adapter/adapter_model.safetensors", "adapter_model.bin", "pytorch_model.bin")
 
 
-def stage_dir(cfg, stage: str) -> Path:
-    return Path(cfg.run.output_dir) / cfg.run.name / stage
+def stage_dir(run, stage: str) -> Path:
+    """outputs/<run.name>/<stage> for the `run` section."""
+    return Path(run.output_dir) / run.name / stage
 
 
-def staging_dir(cfg, stage: str) -> Path:
+def staging_dir(run, stage: str) -> Path:
     """Where an overwrite of a finished stage writes until finish() swaps it in."""
-    out = stage_dir(cfg, stage)
+    out = stage_dir(run, stage)
     return out.with_name(out.name + STAGING)
 
 
-def work_dir(cfg, stage: str) -> Path:
+def work_dir(run, stage: str) -> Path:
     """The folder a run of `stage` writes in: the stage folder, or its staging folder when that one is finished."""
-    return staging_dir(cfg, stage) if is_finished(stage_dir(cfg, stage)) else stage_dir(cfg, stage)
+    return staging_dir(run, stage) if is_finished(stage_dir(run, stage)) else stage_dir(run, stage)
 
 
 def is_finished(path: Path) -> bool:
     return (Path(path) / "manifest.json").exists()
 
 
-def prepare(cfg, stage: str, main_process: bool = True) -> Path:
+def prepare(run, stage: str, main_process: bool = True) -> Path:
     """Take the stage's lock and return the folder this run writes in, refusing to replace a finished run
     unless asked. Nothing finished is deleted here, so a failed or interrupted overwrite keeps the old outputs."""
-    final = stage_dir(cfg, stage)
+    final = stage_dir(run, stage)
     owner = main_process and os.environ.get("RANK", "0") == "0"  # one writer per torchrun/accelerate job
     if owner:
-        locks.acquire(cfg, stage)
+        locks.acquire(run, stage)
         recover_swap(final)
-    out, fresh = _plan(cfg, stage, final)
+    out, fresh = _plan(run, stage, final)
     if owner and fresh and out.exists():
         shutil.rmtree(out)  # never finished (the manifest check above): an interrupted run asked to start over
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def _plan(cfg, stage: str, final: Path) -> tuple[Path, bool]:
+def _plan(run, stage: str, final: Path) -> tuple[Path, bool]:
     """(the folder to write in, whether to empty it first), or the one-line refusal."""
-    run = cfg.run
     if is_finished(final):
-        staging = staging_dir(cfg, stage)
+        staging = staging_dir(run, stage)
         if not run.overwrite:
             pending = (f"; {staging} holds an interrupted overwrite: run.overwrite=true run.resume=true continues it"
                        if last_checkpoint(staging) else "")
@@ -159,7 +159,7 @@ def last_checkpoint(out: Path) -> str | None:
     return None
 
 
-def find_parent(cfg, stages: tuple[str, ...] | list[str], explicit: str | None = None, needed_by: str = "") -> Path:
+def find_parent(run, stages: tuple[str, ...] | list[str], explicit: str | None = None, needed_by: str = "") -> Path:
     """The first finished stage folder among `stages` in this run, or the explicit path."""
     if explicit:
         path = Path(explicit)
@@ -167,13 +167,13 @@ def find_parent(cfg, stages: tuple[str, ...] | list[str], explicit: str | None =
             raise AlignError(f"stage.init_from: {path} does not exist")
         return path
     for stage in stages:
-        if is_finished(stage_dir(cfg, stage)):
-            return stage_dir(cfg, stage)
+        if is_finished(stage_dir(run, stage)):
+            return stage_dir(run, stage)
     first = stages[0]
     raise AlignError(
-        f"{needed_by or 'this stage'} needs a finished {' or '.join(stages)} stage in run '{cfg.run.name}' "
-        f"({stage_dir(cfg, first)}/manifest.json missing): run "
-        f"`python -m align stage={first} run.name={cfg.run.name}` first, or set stage.init_from=PATH"
+        f"{needed_by or 'this stage'} needs a finished {' or '.join(stages)} stage in run '{run.name}' "
+        f"({stage_dir(run, first)}/manifest.json missing): run "
+        f"`python -m align stage={first} run.name={run.name}` first, or set stage.init_from=PATH"
     )
 
 
@@ -296,8 +296,8 @@ def relocate(obj, src: Path, dst: Path):
 def finish(out: Path, cfg, stage: str, metrics: dict, parents: dict | None = None,
            data_fingerprint: str | None = None, started: float | None = None, extra: dict | None = None) -> None:
     """Write config.yaml, metrics.json and, last, manifest.json; then swap an overwrite in and release the lock."""
-    out, final = Path(out), stage_dir(cfg, stage)
-    staged = out == staging_dir(cfg, stage)
+    out, final = Path(out), stage_dir(cfg.run, stage)
+    staged = out == staging_dir(cfg.run, stage)
     if staged:
         metrics, extra = relocate(metrics, out, final), relocate(extra, out, final)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config_dict(cfg))))
@@ -319,7 +319,7 @@ def finish(out: Path, cfg, stage: str, metrics: dict, parents: dict | None = Non
     write_json(out / "manifest.json", scrub(manifest))
     if staged:
         swap(out, final)
-    locks.release(cfg, stage)
+    locks.release(cfg.run, stage)
 
 
 def read_manifest(path: Path) -> dict:

@@ -113,8 +113,9 @@ def _checkpoint_scrubber():
     return DropTrainingArgs()
 
 
-def resume_checkpoint(cfg, out: Path) -> str | None:
-    if not cfg.run.resume:
+def resume_checkpoint(run, out: Path) -> str | None:
+    """The last checkpoint under `out` when the `run` section asks to resume, else None."""
+    if not run.resume:
         return None
     ckpt = runs.last_checkpoint(out)
     if ckpt is None:
@@ -128,10 +129,18 @@ def loss_history(trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-def train(trainer, cfg, out: Path) -> dict:
-    """Train (resuming if asked) and return the train metrics, with the first and last logged loss."""
+def fit(trainer, cfg, stage: str, out: Path, n_train: int, n_eval: int) -> dict:
+    """What every TRL-trained stage does between building its trainer and evaluating: count the rows the trainer
+    kept, keep QLoRA's trainables in the compute dtype, train (resuming if asked); the train metrics."""
+    kept = count_kept(trainer, cfg.trainer.max_length, stage, n_train, n_eval)
+    restore_trainable_dtype(trainer, cfg.model, cfg.peft)
+    return {**train(trainer, cfg.run, out), **kept}
+
+
+def train(trainer, run, out: Path) -> dict:
+    """Train (resuming if the `run` section asks) and return the train metrics, with the first and last logged loss."""
     trainer.add_callback(_checkpoint_scrubber())
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, out))
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(run, out))
     metrics = {f"train/{k}": v for k, v in result.metrics.items()}
     losses = loss_history(trainer)
     if losses:
@@ -140,9 +149,9 @@ def train(trainer, cfg, out: Path) -> dict:
     return metrics
 
 
-def save_model(trainer, cfg, out: Path, tokenizer) -> Path:
+def save_model(trainer, peft_cfg, out: Path, tokenizer) -> Path:
     """adapter/ for PEFT methods (loadable with AutoPeftModel*), model/ for full fine-tuning, bitfit and freeze."""
-    target = Path(out) / ("model" if adapters.saves_full_model(cfg.peft) else "adapter")
+    target = Path(out) / ("model" if adapters.saves_full_model(peft_cfg) else "adapter")
     trainer.save_model(str(target))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(target))
@@ -165,36 +174,35 @@ def finish(trainer, tracker, cfg, out: Path, stage: str, metrics: dict, saved: P
     return metrics
 
 
-def restore_trainable_dtype(trainer, cfg) -> None:
+def restore_trainable_dtype(trainer, model_cfg, peft_cfg) -> None:
     """TRL casts QLoRA's trainable weights to bf16 (the QLoRA paper's GPU recipe). With an fp32 compute dtype
     (CPU) that breaks full trainable heads such as the reward model's score layer and slows LoRA, so keep
     trainables in the compute dtype."""
-    if not cfg.peft.load_in_4bit:
+    if not peft_cfg.load_in_4bit:
         return
-    dtype = models.pick_dtype(cfg.model.dtype)
+    dtype = models.pick_dtype(model_cfg.dtype)
     for param in trainer.model.parameters():
         if param.requires_grad and param.dtype != dtype:
             param.data = param.data.to(dtype)
 
 
-def count_kept(trainer, cfg, stage: str, n_train: int, n_eval: int) -> dict:
+def count_kept(trainer, max_length: int, stage: str, n_train: int, n_eval: int) -> dict:
     """TRL drops rows longer than max_length (reward) or with nothing to learn; never let that pass silently."""
     kept_train = len(trainer.train_dataset)
     kept_eval = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
     if kept_train == 0:
         raise AlignError(f"{stage}: all {n_train} training rows were dropped (longer than "
-                         f"trainer.max_length={cfg.trainer.max_length} tokens?); raise trainer.max_length")
+                         f"trainer.max_length={max_length} tokens?); raise trainer.max_length")
     for split, n, kept in (("train", n_train, kept_train), ("eval", n_eval, kept_eval)):
         if kept < n:
             log.warning("%s: %d of %d %s rows were dropped by the trainer (longer than trainer.max_length=%d)",
-                        stage, n - kept, n, split, cfg.trainer.max_length)
+                        stage, n - kept, n, split, max_length)
     return {"data/train_rows": n_train, "data/train_rows_used": kept_train,
             "data/eval_rows": n_eval, "data/eval_rows_used": kept_eval}
 
 
-def rows_for_steps(cfg, rows: list) -> list:
-    """The rows one pass of trainer.max_steps will consume (all of them when training by epochs)."""
-    t = cfg.trainer
+def rows_for_steps(t, rows: list) -> list:
+    """The rows one pass of the `trainer` section's max_steps will consume (all of them when training by epochs)."""
     if t.max_steps <= 0:
         return rows
     need = t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * (

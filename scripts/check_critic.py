@@ -24,8 +24,8 @@ def main(argv: list[str]) -> None:
     opts = dict(a.split("=", 1) for a in argv if a.startswith(("answer=", "refusal=")))
     openers = {"answer": opts.get("answer", "In the US,"), "refusal": opts.get("refusal", "Sorry, I can")}
     cfg = compose("stage=ppo", "tracking=none", *[a for a in argv if not a.startswith(("answer=", "refusal="))])
-    run_ppo = runs.find_parent(cfg, ("ppo",), None, needed_by="check_critic")
-    sft = runs.adapter_of(runs.find_parent(cfg, ("sft",), None, needed_by="check_critic"))
+    run_ppo = runs.find_parent(cfg.run, ("ppo",), None, needed_by="check_critic")
+    sft = runs.adapter_of(runs.find_parent(cfg.run, ("sft",), None, needed_by="check_critic"))
     tok = models.load_tokenizer(cfg.model)
     _, rows = recipes.load(cfg, "prompt", tok)  # the run's data folder when it matches the config, else rebuilt
     model = policy.load_policy(cfg.model, cfg.peft, tok, sft)

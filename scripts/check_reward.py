@@ -29,8 +29,8 @@ DEV = "shipped:tax_assistant/dev.jsonl,shipped:tax_assistant/dev_b.jsonl"
 def main(argv: list[str]) -> None:
     files = next((a.split("=", 1)[1] for a in argv if a.startswith("prompts=")), DEV).split(",")
     cfg = compose("stage=ppo", "tracking=none", *[a for a in argv if not a.startswith("prompts=")])
-    sft = runs.adapter_of(runs.find_parent(cfg, ("sft",), None, needed_by="check_reward"))
-    rm = runs.adapter_of(runs.find_parent(cfg, ("rm",), None, needed_by="check_reward"))
+    sft = runs.adapter_of(runs.find_parent(cfg.run, ("sft",), None, needed_by="check_reward"))
+    rm = runs.adapter_of(runs.find_parent(cfg.run, ("rm",), None, needed_by="check_reward"))
     tok = models.load_tokenizer(cfg.model)
     model = load_policy(cfg.model, cfg.peft, tok, sft)
     head = reward.load_reward(model, rm)
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
     with use_adapter(model, POLICY):
         own, _ = chat_generate(model, tok, convs, desc="greedy", **gen)
         forced, _ = chat_generate(model, tok, convs, desc="refusal barred", **gen,
-                                  begin_suppress_tokens=negatives.refusal_openers(cfg, tok))
+                                  begin_suppress_tokens=negatives.refusal_openers(cfg.scope, tok))
     judge = make_judge("keyword")
     prompts = [r["prompt"] for r in rows]
     own_refused = [v == REFUSED for v in judge.judge(prompts, own)]

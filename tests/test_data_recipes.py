@@ -485,7 +485,7 @@ def test_write_and_reuse_a_finished_build(tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "a.jsonl", varied_sft(10))
     cfg = make_cfg(tmp_path, data={"sources": [{"name": "a", "path": path, "kind": "sft"}], "eval_fraction": 0.2})
     built = recipes.build(cfg)
-    out = store.data_dir(cfg)
+    out = store.data_dir(cfg.run)
     store.write(built, out)
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.jsonl" for n in store.OUTPUTS] + ["stats.json"])
     stats = json.loads((out / "stats.json").read_text())

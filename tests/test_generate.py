@@ -63,7 +63,7 @@ def test_refusal_openers_are_suppressed_only_at_the_first_token(tmp_path):
 
     cfg = compose(tmp_path, *TINY, "scope=tax_assistant")
     tok = models.load_tokenizer(cfg.model)
-    assert refusal_openers(cfg, tok) == tok("Sorry", add_special_tokens=False)["input_ids"][:1]
+    assert refusal_openers(cfg.scope, tok) == tok("Sorry", add_special_tokens=False)["input_ids"][:1]
     model = models.load_model(cfg.model, cfg.peft, "causal", tok)
     convs = [[{"role": "user", "content": "What is a W-2?"}]]
     text = tok.apply_chat_template(convs[0], tokenize=False, add_generation_prompt=True)

@@ -85,7 +85,7 @@ def finished_parents(tmp_path, adapters_dir):
     """Finished sft and rm stage folders of run 't' holding the test's adapters."""
     cfg = compose(tmp_path, "stage=sft", *STAGE)
     for stage, src in zip(("sft", "rm"), adapters_dir):
-        out = runs.stage_dir(cfg, stage)
+        out = runs.stage_dir(cfg.run, stage)
         shutil.copytree(src, out / "adapter")
         runs.finish(out, cfg, stage, {})
 

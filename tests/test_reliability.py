@@ -142,7 +142,7 @@ def test_failing_overwrite_keeps_the_old_run(finished):
         run_stage(finished, *SFT, "run.name=base", "run.overwrite=true", "data.train_files=[nope.jsonl]")
     assert snapshot(finished / "base" / "sft") == before
     assert not runs.is_finished(finished / "base" / "sft.new")
-    assert not locks.lock_path(compose(finished, "run.name=base"), "sft").exists()  # released on failure
+    assert not locks.lock_path(compose(finished, "run.name=base").run, "sft").exists()  # released on failure
 
 
 def test_killed_overwrite_keeps_the_old_run_and_resumes_into_a_swap(finished, tmp_path, caplog):
@@ -164,7 +164,7 @@ def test_killed_overwrite_keeps_the_old_run_and_resumes_into_a_swap(finished, tm
     assert runs.last_checkpoint(new), "the overwrite wrote no checkpoint before it was killed"
     step = int(Path(runs.last_checkpoint(new)).name.split("-")[-1])
     assert snapshot(root / "kill" / "sft") == old  # the finished run is whole while the overwrite was killed
-    lock = json.loads(locks.lock_path(compose(root, "run.name=kill"), "sft").read_text())
+    lock = json.loads(locks.lock_path(compose(root, "run.name=kill").run, "sft").read_text())
     assert lock["pid"] == proc.pid  # the dead writer's lock is still there ...
 
     with caplog.at_level(logging.INFO):  # ... and is taken over by the next run
@@ -180,7 +180,7 @@ def test_killed_overwrite_keeps_the_old_run_and_resumes_into_a_swap(finished, tm
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["output"] == str(out / "adapter") and json.loads(old["manifest.json"]) != manifest
     assert not new.exists() and not (root / "kill" / "sft.old").exists()
-    assert not locks.lock_path(compose(root, "run.name=kill"), "sft").exists()
+    assert not locks.lock_path(compose(root, "run.name=kill").run, "sft").exists()
 
 
 def test_a_swap_cut_between_its_renames_is_repaired(tmp_path):
@@ -218,20 +218,20 @@ def test_a_live_lock_is_refused_in_one_line(tmp_path):
 
 def test_a_dead_lock_is_taken_over_and_released(tmp_path, caplog):
     cfg = compose(tmp_path, "run.name=dl")
-    path = locks.lock_path(cfg, "sft")
+    path = locks.lock_path(cfg.run, "sft")
     path.parent.mkdir(parents=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
     with caplog.at_level(logging.WARNING):
-        locks.acquire(cfg, "sft")
+        locks.acquire(cfg.run, "sft")
     assert f"lock of pid {dead.pid}" in caplog.text
     assert json.loads(path.read_text())["pid"] == os.getpid()
-    locks.release(cfg, "sft")
+    locks.release(cfg.run, "sft")
     assert not path.exists()
     path.write_text(json.dumps({"pid": os.getpid(), "host": "elsewhere"}))  # another host's pid: cannot tell
     with pytest.raises(AlignError, match="host elsewhere"):
-        locks.acquire(cfg, "sft")
+        locks.acquire(cfg.run, "sft")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

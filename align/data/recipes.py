@@ -290,7 +290,7 @@ _FINGERPRINTS: dict = {}  # config fingerprint -> built fingerprint, for fingerp
 
 def _reusable(cfg) -> dict | None:
     """stats.json of a finished data stage built from this very config, if any."""
-    out = store.data_dir(cfg)
+    out = store.data_dir(cfg.run)
     if not cfg.data.reuse_built or not (out / "manifest.json").exists() or not (out / "stats.json").exists():
         return None
     info = store.read_stats(out)
@@ -308,7 +308,7 @@ def load(cfg, kind: str, tokenizer=None) -> tuple[list, list]:
     train_name, eval_name = store.KIND_OUTPUTS[kind]
     info = _reusable(cfg)
     if info is not None:
-        out = store.data_dir(cfg)
+        out = store.data_dir(cfg.run)
         log.info("data: reusing the build in %s", out)
         _FINGERPRINTS[info["config_fingerprint"]] = info["fingerprint"]
         train = store.read(out, train_name) if train_name else []

@@ -31,8 +31,9 @@ class Built:
         return {name: len(getattr(self, name)) for name in OUTPUTS}
 
 
-def data_dir(cfg) -> Path:
-    return Path(cfg.run.output_dir) / cfg.run.name / "data"
+def data_dir(run) -> Path:
+    """outputs/<run.name>/data for the `run` section."""
+    return Path(run.output_dir) / run.name / "data"
 
 
 def write(built: Built, out_dir: Path) -> None:

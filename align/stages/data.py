@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg) -> dict:
     started = time.time()
-    out = runs.prepare(cfg, "data")
+    out = runs.prepare(cfg.run, "data")
     try:
         tokenizer = models.load_tokenizer(cfg.model) if recipes.needs_tokenizer(cfg) else None
         built = recipes.build(cfg, tokenizer)

@@ -11,13 +11,13 @@ log = logging.getLogger(__name__)
 def run(cfg) -> dict:
     started = time.time()
     source = runs.adapter_of(
-        runs.find_parent(cfg, runs.policy_stages(cfg.export.adapter_stage), cfg.stage.init_from, needed_by="export")
+        runs.find_parent(cfg.run, runs.policy_stages(cfg.export.adapter_stage), cfg.stage.init_from, needed_by="export")
     )
     if not (source / "adapter_config.json").exists():
         raise AlignError(f"export: {source} is not a PEFT adapter folder (adapter_config.json missing)")
     if cfg.peft.load_in_4bit:
         raise AlignError("export merges into full-precision weights; run it with peft=lora (not qlora)")
-    out = runs.prepare(cfg, "export")
+    out = runs.prepare(cfg.run, "export")
     tokenizer = models.load_tokenizer(cfg.model)
     base = models.load_model(cfg.model, cfg.peft, "causal", tokenizer)
     merged = adapters.load(base, source).merge_and_unload()

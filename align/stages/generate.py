@@ -47,8 +47,8 @@ def adapter_paths(cfg) -> dict[str, Path]:
             name = p.parent.name if p.name == "adapter" else p.name  # outputs/x/dpo/adapter -> "dpo"
             paths[name if name not in paths else f"{name}_{len(paths)}"] = p
     else:  # this run's most aligned policy, or the base model when none has finished
-        found = [s for s in runs.POLICY_STAGES if runs.is_finished(runs.stage_dir(cfg, s))]
-        paths = {found[0]: runs.adapter_of(runs.stage_dir(cfg, found[0]))} if found else {}
+        found = [s for s in runs.POLICY_STAGES if runs.is_finished(runs.stage_dir(cfg.run, s))]
+        paths = {found[0]: runs.adapter_of(runs.stage_dir(cfg.run, found[0]))} if found else {}
     for name, path in paths.items():
         if not (path / "adapter_config.json").exists():
             raise AlignError(f"generate.adapters: {path} is not a PEFT adapter folder (adapter_config.json missing)")
@@ -80,7 +80,7 @@ def run(cfg) -> dict:
     started = time.time()
     prompts = read_prompts(cfg)
     paths = adapter_paths(cfg)
-    out = runs.prepare(cfg, "generate")
+    out = runs.prepare(cfg.run, "generate")
     tokenizer = models.load_tokenizer(cfg.model)
     model = load_adapters(models.load_model(cfg.model, cfg.peft, "causal", tokenizer), paths)
     rows = []

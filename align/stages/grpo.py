@@ -25,13 +25,13 @@ def run(cfg) -> dict:
 
     started = time.time()
     main = training.is_main_process()
-    sft_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg, ("sft",), cfg.stage.init_from, needed_by="grpo"),
+    sft_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg.run, ("sft",), cfg.stage.init_from, needed_by="grpo"),
                                                cfg.model.name_or_path))
-    rm_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg, ("rm",), None, needed_by="grpo"),
+    rm_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg.run, ("rm",), None, needed_by="grpo"),
                                               cfg.model.name_or_path))
     if not (sft_dir / "adapter_config.json").exists():
         raise AlignError(f"grpo: {sft_dir} is not a PEFT adapter; grpo trains on top of an sft adapter")
-    out = runs.prepare(cfg, "grpo", main_process=main)
+    out = runs.prepare(cfg.run, "grpo", main_process=main)
     tokenizer = models.load_tokenizer(cfg.model)
     train_rows, eval_rows = recipes.load(cfg, "prompt", tokenizer)
     log.info("grpo: %d train prompts, %d eval prompts", len(train_rows), len(eval_rows))
@@ -57,7 +57,7 @@ def run(cfg) -> dict:
         train_dataset=Dataset.from_list([{"prompt": r["prompt"]} for r in train_rows]),
         processing_class=tokenizer,
     )
-    metrics = training.train(trainer, cfg, out)
+    metrics = training.train(trainer, cfg.run, out)
     logged = [h for h in trainer.state.log_history if "reward" in h]
     if logged:
         for key in LOG_KEYS:
@@ -72,7 +72,7 @@ def run(cfg) -> dict:
     for name in ("ref", "reward"):  # TRL's reference copy and the reward adapter: only the policy is saved
         if name in policy_model.peft_config:
             policy_model.delete_adapter(name)
-    saved = training.save_model(trainer, cfg, out, tokenizer)
+    saved = training.save_model(trainer, cfg.peft, out, tokenizer)
     return training.finish(trainer, tracker, cfg, out, "grpo", metrics, saved, {"sft": sft_dir, "rm": rm_dir},
                            recipes.fingerprint(cfg), started)
 

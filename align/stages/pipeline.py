@@ -81,7 +81,7 @@ def run(cfg) -> dict:
     earlier: dict[str, float] = {}  # seconds a skipped stage took when it ran, from its manifest
     started = time.time()
     for i, stage in enumerate(stages):
-        out = runs.stage_dir(cfg, stage)
+        out = runs.stage_dir(cfg.run, stage)
         why = None if stage in redo or not runs.is_finished(out) else stale(composed[stage], stage, out)
         if why:
             log.warning("pipeline: %s is out of date (%s); redoing it and the stages after it", stage, why)
@@ -95,7 +95,7 @@ def run(cfg) -> dict:
                 earlier[stage] = took
             continue
         extra = ["run.overwrite=true"] if stage in redo else []
-        if runs.last_checkpoint(runs.work_dir(cfg, stage)):  # interrupted, or an interrupted redo (<stage>.new)
+        if runs.last_checkpoint(runs.work_dir(cfg.run, stage)):  # interrupted, or an interrupted redo (<stage>.new)
             extra.append("run.resume=true")
         log.info("pipeline: running %s", stage)
         t0 = time.time()

@@ -91,14 +91,14 @@ def prepare(cfg, select_rows: list) -> Setup:
     """The accelerator, the sft and rm parents, the tokenizer, the prompt rows, the rule reward, the stage folder."""
     accelerator = accelerator_for(cfg)
     main = accelerator.is_main_process
-    sft_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg, ("sft",), cfg.stage.init_from, needed_by="ppo"),
+    sft_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg.run, ("sft",), cfg.stage.init_from, needed_by="ppo"),
                                                cfg.model.name_or_path))
-    rm_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg, ("rm",), None, needed_by="ppo"),
+    rm_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg.run, ("rm",), None, needed_by="ppo"),
                                               cfg.model.name_or_path))
     tokenizer = models.load_tokenizer(cfg.model)
     train_rows, eval_rows = recipes.load(cfg, "prompt", tokenizer)
     rule_fn = rule_reward(cfg, train_rows + eval_rows)
-    out = runs.prepare(cfg, "ppo", main_process=main)
+    out = runs.prepare(cfg.run, "ppo", main_process=main)
     accelerator.wait_for_everyone()
     select_judge = None
     if select_rows:

@@ -98,7 +98,8 @@ def policy_negatives(cfg, tokenizer, sft_dir, rows: list[dict]) -> tuple[list[di
         return rows, {}
     policy = adapters.attach(models.load_model(cfg.model, cfg.peft, "causal", tokenizer), cfg.peft, "CAUSAL_LM",
                              init_from=str(sft_dir))
-    rows, on_policy = negatives.policy_negatives(cfg, policy, tokenizer, rows)
+    rows, on_policy = negatives.policy_negatives(policy, tokenizer, rows, cfg.data, cfg.scope, cfg.eval,
+                                                 models.cpu_autocast(cfg.model, cfg.peft))
     del policy
     return rows, on_policy
 
@@ -111,16 +112,16 @@ def run(cfg) -> dict:
     parents = {}
     sft_dir = None
     if cfg.rm.init == "sft" or cfg.stage.init_from:
-        sft_dir = runs.adapter_of(runs.find_parent(cfg, ("sft",), cfg.stage.init_from, needed_by="rm"))
+        sft_dir = runs.adapter_of(runs.find_parent(cfg.run, ("sft",), cfg.stage.init_from, needed_by="rm"))
         parents["sft"] = sft_dir
     elif cfg.rm.init != "base":
         raise AlignError(f"rm.init: expected sft or base, got {cfg.rm.init!r}")
-    out = runs.prepare(cfg, "rm", main_process=main)
+    out = runs.prepare(cfg.run, "rm", main_process=main)
     tokenizer = models.load_tokenizer(cfg.model)
     train_rows, eval_rows = recipes.load(cfg, "preference", tokenizer)
     on_policy = {}
-    if negatives.uses_policy(cfg):
-        train_rows = training.rows_for_steps(cfg, train_rows)
+    if negatives.uses_policy(cfg.data):
+        train_rows = training.rows_for_steps(cfg.trainer, train_rows)
         both, on_policy = policy_negatives(cfg, tokenizer, sft_dir, train_rows + eval_rows)
         train_rows, eval_rows = both[:len(train_rows)], both[len(train_rows):]
     train_rows = fit_pairs(train_rows, tokenizer, cfg.trainer.max_length)
@@ -146,10 +147,7 @@ def run(cfg) -> dict:
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
     )
-    kept = training.count_kept(trainer, cfg, "rm", len(train_rows), len(eval_rows))
-    training.restore_trainable_dtype(trainer, cfg)
-    metrics = training.train(trainer, cfg, out)
-    metrics.update(kept)
+    metrics = training.fit(trainer, cfg, "rm", out, len(train_rows), len(eval_rows))
     metrics.update(on_policy)  # counts over train and eval pairs
     if eval_rows:
         metrics.update(pairwise_eval(trainer.model, tokenizer, eval_rows, cfg.trainer.max_length,
@@ -157,6 +155,6 @@ def run(cfg) -> dict:
         log.info("rm eval: accuracy %.3f, ties %d, mean margin %.3f", metrics["eval/accuracy"],
                  metrics["eval/ties"], metrics["eval/mean_margin"])
         tracker.log({k: v for k, v in metrics.items() if k.startswith("eval/")})
-    saved = training.save_model(trainer, cfg, out, tokenizer)
+    saved = training.save_model(trainer, cfg.peft, out, tokenizer)
     return training.finish(trainer, tracker, cfg, out, "rm", metrics, saved, parents,
                            recipes.fingerprint(cfg), started)

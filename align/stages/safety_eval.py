@@ -50,10 +50,10 @@ def find_adapter(cfg) -> Path | None:
     if cfg.eval.adapter_stage == "base":
         return None
     for stage in runs.policy_stages(cfg.eval.adapter_stage):
-        if runs.is_finished(runs.stage_dir(cfg, stage)):
-            return runs.adapter_of(runs.stage_dir(cfg, stage))
+        if runs.is_finished(runs.stage_dir(cfg.run, stage)):
+            return runs.adapter_of(runs.stage_dir(cfg.run, stage))
     if cfg.eval.adapter_stage != "auto":
-        runs.find_parent(cfg, (cfg.eval.adapter_stage,), needed_by="safety_eval")  # raises the one-line error
+        runs.find_parent(cfg.run, (cfg.eval.adapter_stage,), needed_by="safety_eval")  # raises the one-line error
     log.info("safety_eval: no trained adapter in run '%s'; evaluating the base model", cfg.run.name)
     return None
 
@@ -77,7 +77,7 @@ def judged(rows, responses, verdicts, judge_name, phase) -> list[dict]:
 def run(cfg) -> dict:
     started = time.time()
     adapter = find_adapter(cfg)  # a wrong path fails before any folder is made or data built
-    out = runs.prepare(cfg, "safety_eval")
+    out = runs.prepare(cfg.run, "safety_eval")
     rows, prompt_sources = prompt_rows(cfg)
     judge = scope_judge(cfg)
     gold = judges.score_on_gold(judge, judges.load_rows(GOLD))

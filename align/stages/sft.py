@@ -34,7 +34,7 @@ def run(cfg) -> dict:
 
     started = time.time()
     main = training.is_main_process()
-    out = runs.prepare(cfg, "sft", main_process=main)
+    out = runs.prepare(cfg.run, "sft", main_process=main)
     tokenizer = models.load_tokenizer(cfg.model)
     train_rows, eval_rows = recipes.load(cfg, "sft", tokenizer)
     if cfg.sft.assistant_only_loss:
@@ -65,13 +65,10 @@ def run(cfg) -> dict:
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
     )
-    kept = training.count_kept(trainer, cfg, "sft", len(train_rows), len(eval_rows))
-    training.restore_trainable_dtype(trainer, cfg)
-    metrics = training.train(trainer, cfg, out)
-    metrics.update(kept)
+    metrics = training.fit(trainer, cfg, "sft", out, len(train_rows), len(eval_rows))
     if eval_rows:
         metrics.update(trainer.evaluate())
-    saved = training.save_model(trainer, cfg, out, tokenizer)
+    saved = training.save_model(trainer, cfg.peft, out, tokenizer)
     parents = {"init_from": cfg.stage.init_from} if cfg.stage.init_from else {}
     return training.finish(trainer, tracker, cfg, out, "sft", metrics, saved, parents,
                            recipes.fingerprint(cfg), started)
