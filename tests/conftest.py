@@ -31,7 +31,7 @@ FINISHED_SFT = [*SFT_ARGS, "trainer.max_steps=2", "trainer.save_steps=1", "train
 
 # a tax_assistant SFT run (the `tax_sft` fixture) for the stages that train from it: rm, dpo, kto
 PREF = [*TINY, "data=tax_assistant", "scope=tax_assistant", "trainer.max_length=128", "data.max_rows=8",
-        "trainer.per_device_train_batch_size=4", "trainer.per_device_eval_batch_size=16"]
+        "trainer.per_device_train_batch_size=2", "trainer.per_device_eval_batch_size=16"]
 
 
 def compose(tmp_path: Path, *overrides: str):

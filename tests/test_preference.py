@@ -108,7 +108,7 @@ def test_missing_parent_names_the_stage_to_run(tmp_path):
 def test_kto_from_sft_on_unpaired_rows(sft_run):
     m = run_stage(sft_run, "stage=kto", *COMMON, "run.name=p", "trainer.max_steps=2")
     assert m["train/global_step"] == 2 and m["data/train_rows_available"] == 16  # 8 pairs -> 16 unpaired rows
-    assert m["data/train_rows"] == 8  # 2 steps x batch 4: only those rows get reference log-probs
+    assert m["data/train_rows"] == 4  # 2 steps x batch 2: only those rows get reference log-probs
     assert (sft_run / "p" / "kto" / "adapter" / "adapter_model.safetensors").exists()
     assert not (sft_run / "p" / "kto" / "adapter" / "ref").exists()
 
@@ -130,7 +130,7 @@ def test_on_policy_rejected_answers_come_from_the_model(sft_run, monkeypatch, st
 
     monkeypatch.setattr(negatives, "chat_generate", fake_generate)
     m = run_stage(sft_run, f"stage={stage}", *COMMON, "run.name=p", "trainer.max_steps=2", "run.overwrite=true",
-                  "data.rejected_source=policy", "trainer.per_device_train_batch_size=2")
+                  "data.rejected_source=policy")
     assert m["train/global_step"] == 2
     assert calls and calls[0]["begin_suppress_tokens"]  # the scope's refusal opener is barred
     assert m["data/on_policy_rejected"] > 0
