@@ -37,8 +37,9 @@ def test_bf16_sft_learns_and_trainer_runs_mixed(tmp_path):
     cfg = compose(tmp_path, *SFT_ARGS, "model.cpu_bf16=true")
     args = training.trainer_args(cfg, tmp_path / "x", tracking.start(cfg, "sft"), SFTConfig, has_eval=False)
     assert args.bf16
-    m = run_stage(tmp_path, *SFT_ARGS, "model.cpu_bf16=true", "run.name=b", "trainer.max_steps=12",
-                  "trainer.per_device_train_batch_size=8", "trainer.learning_rate=2e-3")
+    # two rows in one batch of two: every step sees the same batch, so the first and last loss compare like with like
+    m = run_stage(tmp_path, *SFT_ARGS, "model.cpu_bf16=true", "run.name=b", "trainer.max_steps=12", "data.max_rows=2",
+                  "trainer.per_device_train_batch_size=2", "trainer.learning_rate=2e-3")
     assert m["train/last_loss"] < m["train/first_loss"] - 0.1, m
     saved = tmp_path / "b" / "sft" / "adapter" / "adapter_model.safetensors"
     from safetensors.torch import load_file

@@ -54,7 +54,8 @@ def test_help_lists_groups():
 
 def test_multirun_sweep(tmp_path):
     res = cli("--multirun", "stage=sft", *TINY, "data=instructions", "scope=none", "trainer.max_steps=2",
-              "trainer.learning_rate=1e-3,5e-4", f"run.output_dir={tmp_path}", "run.name=sweep")
+              "trainer.per_device_train_batch_size=2", "trainer.learning_rate=1e-3,5e-4", f"run.output_dir={tmp_path}",
+              "run.name=sweep")
     assert res.returncode == 0, res.stderr[-2000:]
     metrics = sorted(tmp_path.glob("sweep*/sft/metrics.json"))
     assert len(metrics) == 2, list(tmp_path.rglob("metrics.json"))

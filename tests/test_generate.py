@@ -13,7 +13,7 @@ from align import AlignError
 def test_switching_adapters_matches_each_adapter_alone(tmp_path):
     for name, lr in (("a", "3e-3"), ("b", "1e-4")):
         run_stage(tmp_path, *SFT_ARGS, f"run.name={name}", "trainer.max_steps=6", f"trainer.learning_rate={lr}",
-                  f"seed={len(name) + (lr == '1e-4')}")
+                  f"seed={len(name) + (lr == '1e-4')}", "data.max_rows=4", "trainer.per_device_train_batch_size=2")
     paths = {}
     for n in ("a", "b"):  # adapters are named after their stage folder
         (tmp_path / "ad" / n).parent.mkdir(parents=True, exist_ok=True)

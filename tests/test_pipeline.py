@@ -1,20 +1,31 @@
 """The pipeline on the tiny model: the whole chain, skipping finished stages, force, stop and resume."""
 
 import json
+import shutil
 
 import pytest
 import yaml
 
-from conftest import TINY, run_stage
+from conftest import TINY, copy_run, run_stage, shared
 
 from align import AlignError
 
-FAST = [*TINY, "data.max_rows=16", "trainer.max_steps=2", "trainer.max_length=320", "eval.max_new_tokens=6",
-        "eval.max_prompts=10", "trainer.per_device_train_batch_size=4"]
+FAST = [*TINY, "data.max_rows=8", "trainer.max_steps=2", "trainer.max_length=128", "eval.max_new_tokens=6",
+        "eval.max_prompts=10", "trainer.per_device_train_batch_size=2"]
+SFT3 = 'pipeline.overrides.sft=["trainer.max_steps=3"]'  # one stage's own override, over the shared ones
+DPO_CHAIN = "pipeline.stages=[data,sft,rm,dpo]"
 
 
-def test_pipeline_runs_chain_then_skips(tmp_path, capsys):
-    run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe", 'pipeline.overrides.sft=["trainer.max_steps=3"]')
+@pytest.fixture(scope="module")
+def finished_chain(tmp_path_factory):
+    """The output folder of the whole chain (data, sft, rm, dpo, safety_eval), run once as `run.name=pipe` with FAST
+    and SFT3; each test copy_runs it into its own tmp_path."""
+    return shared(tmp_path_factory, "pipeline",
+                  lambda root: run_stage(root, "stage=pipeline", *FAST, "run.name=pipe", SFT3))
+
+
+def test_pipeline_runs_chain_then_skips(finished_chain, tmp_path):
+    copy_run(finished_chain, tmp_path)  # the first run: the whole chain
     root = tmp_path / "pipe"
     for stage in ("data", "sft", "rm", "dpo", "safety_eval"):
         assert (root / stage / "manifest.json").exists(), stage
@@ -25,55 +36,57 @@ def test_pipeline_runs_chain_then_skips(tmp_path, capsys):
     sft_cfg = yaml.safe_load((root / "sft" / "config.yaml").read_text())
     assert sft_cfg["trainer"]["max_steps"] == 3 and sft_cfg["stage"]["name"] == "sft"  # its own override won
     rm_cfg = yaml.safe_load((root / "rm" / "config.yaml").read_text())
-    assert rm_cfg["trainer"]["max_steps"] == 2 and rm_cfg["trainer"]["max_length"] == 320  # the shared ones reached it
+    assert rm_cfg["trainer"]["max_steps"] == 2 and rm_cfg["trainer"]["max_length"] == 128  # the shared ones reached it
 
     stamp = (root / "sft" / "manifest.json").read_text()
-    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe", 'pipeline.overrides.sft=["trainer.max_steps=3"]')
+    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe", SFT3)
     assert set(out["timings"].values()) == {"skipped"}
     assert (root / "sft" / "manifest.json").read_text() == stamp
     took = json.loads(stamp)["seconds"]
     rerun = (root / "report.md").read_text()  # the times the stages took when they ran survive a rerun
     assert f"| sft | skipped (took {took:.0f}) |" in rerun and "all stages as run:" in rerun
 
-    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe", 'pipeline.overrides.sft=["trainer.max_steps=3"]',
-                    "pipeline.force=[safety_eval]")
+    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe", SFT3, "pipeline.force=[safety_eval]")
     assert out["timings"]["safety_eval"] != "skipped" and out["timings"]["sft"] == "skipped"
 
 
-def test_pipeline_redoes_exactly_what_is_stale(tmp_path, caplog):
-    run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=st", "pipeline.stages=[data,sft,rm,dpo]")
-    root = tmp_path / "st"
+def test_pipeline_redoes_exactly_what_is_stale(finished_chain, tmp_path, caplog):
+    copy_run(finished_chain, tmp_path)
+    root = tmp_path / "pipe"
     # one upstream option changed: that stage and everything after it, nothing before, and the log says why
-    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=st", "pipeline.stages=[data,sft,rm,dpo]",
-                    "rm.tie_epsilon=0.01")
+    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe", DPO_CHAIN, SFT3, "rm.tie_epsilon=0.01")
     assert out["timings"]["data"] == out["timings"]["sft"] == "skipped"
     assert out["timings"]["rm"] != "skipped" and out["timings"]["dpo"] != "skipped"
     assert "rm is out of date (rm.tie_epsilon changed)" in caplog.text
     # a stage redone on its own makes the stages built on it stale (the parents' hashes no longer match)
-    dpo_stamp = (root / "dpo" / "manifest.json").read_text()
-    run_stage(tmp_path, "stage=sft", *FAST, "run.name=st", "run.overwrite=true", "trainer.learning_rate=1e-3")
+    rm_stamp = (root / "rm" / "manifest.json").read_text()
+    run_stage(tmp_path, "stage=sft", *FAST, "run.name=pipe", "run.overwrite=true", "trainer.max_steps=3",
+              "trainer.learning_rate=1e-3")
     caplog.clear()
-    sft_lr = 'pipeline.overrides.sft=["trainer.learning_rate=1e-3"]'  # the same sft, and nothing else changed
-    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=st", "pipeline.stages=[data,sft,rm,dpo]",
-                    "rm.tie_epsilon=0.01", sft_lr)
+    sft_lr = 'pipeline.overrides.sft=["trainer.max_steps=3","trainer.learning_rate=1e-3"]'  # that same sft
+    rm_chain = ["pipeline.stages=[data,sft,rm]", "rm.tie_epsilon=0.01", sft_lr]  # dpo left out: it costs the most
+    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe", *rm_chain)
     assert out["timings"]["sft"] == "skipped" and out["timings"]["rm"] != "skipped"
     assert "rm is out of date (its parent sft" in caplog.text
-    assert (root / "dpo" / "manifest.json").read_text() != dpo_stamp
+    assert (root / "rm" / "manifest.json").read_text() != rm_stamp
     # force=[x] redoes x and everything downstream
-    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=st", "pipeline.stages=[data,sft,rm,dpo]",
-                    "rm.tie_epsilon=0.01", sft_lr, "pipeline.force=[rm]")
-    assert [out["timings"][s] == "skipped" for s in ("data", "sft", "rm", "dpo")] == [True, True, False, False]
+    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe", *rm_chain, "pipeline.force=[sft]")
+    assert [out["timings"][s] == "skipped" for s in ("data", "sft", "rm")] == [True, False, False]
     # report.md names what the stages were built from, read from their manifests
     base = json.loads((root / "sft" / "manifest.json").read_text())["base_model"]
     assert f"Base model `{base}`" in (root / "report.md").read_text()
 
 
-def test_failing_stage_stops_with_one_line_and_rerun_resumes(tmp_path):
+def test_failing_stage_stops_with_one_line_and_rerun_resumes(finished_chain, tmp_path):
+    copy_run(finished_chain, tmp_path)
+    for stage in ("rm", "dpo", "safety_eval"):  # a run whose chain got as far as sft
+        shutil.rmtree(tmp_path / "pipe" / stage)
+    stamp = (tmp_path / "pipe" / "sft" / "manifest.json").read_text()
     with pytest.raises(AlignError, match="pipeline stopped at rm"):
-        run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=f", "rm.init=nonsense")
-    assert (tmp_path / "f" / "sft" / "manifest.json").exists()
-    assert not (tmp_path / "f" / "rm" / "manifest.json").exists()
-    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=f", "pipeline.stages=[data,sft,rm]")
+        run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe", SFT3, "rm.init=nonsense")
+    assert (tmp_path / "pipe" / "sft" / "manifest.json").read_text() == stamp
+    assert not (tmp_path / "pipe" / "rm" / "manifest.json").exists() and not (tmp_path / "pipe" / "dpo").exists()
+    out = run_stage(tmp_path, "stage=pipeline", *FAST, "run.name=pipe", SFT3, "pipeline.stages=[data,sft,rm]")
     assert out["timings"]["sft"] == "skipped" and out["timings"]["rm"] != "skipped"
 
 

@@ -1,30 +1,27 @@
 """Reward model and DPO on the tiny model, from the SFT adapter of the same run."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
-from conftest import TINY, cli, run_stage
+from conftest import PREF as COMMON, copy_run, run_stage
 
 from align import AlignError
 
-COMMON = [*TINY, "data=tax_assistant", "scope=tax_assistant", "trainer.max_length=128", "data.max_rows=32",
-          "trainer.per_device_train_batch_size=4", "trainer.per_device_eval_batch_size=16"]
 
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pref")
-    run_stage(root, "stage=sft", *COMMON, "run.name=p", "trainer.max_steps=3")
-    return root
+@pytest.fixture
+def sft_run(tax_sft, tmp_path):
+    """tmp_path holding a copy of the session's finished tax_assistant SFT stage (run.name=p, COMMON settings)."""
+    return copy_run(tax_sft, tmp_path)
 
 
 def test_rm_trains_evaluates_and_loads(sft_run):
     m = run_stage(sft_run, "stage=rm", *COMMON, "run.name=p", "trainer.max_steps=6", "trainer.learning_rate=1e-3")
     for key in ("eval/accuracy", "eval/ties", "eval/mean_margin", "eval/loss", "eval/n_pairs"):
         assert key in m
-    assert m["eval/n_pairs"] == 32
+    assert m["eval/n_pairs"] == 8  # data.max_rows
     # long in-scope answers are cut to fit max_length, not dropped by TRL (which would leave mostly refusal pairs)
     assert m["data/train_rows_used"] == m["data/train_rows"]
     assert 0.0 <= m["eval/accuracy"] <= 1.0 and m["eval/accuracy"] + m["eval/tie_rate"] <= 1.0 + 1e-9
@@ -66,21 +63,21 @@ def test_ties_are_counted_and_never_correct(sft_run):
     from conftest import compose
     from transformers import AutoTokenizer
 
-    if not (sft_run / "p" / "rm" / "manifest.json").exists():
-        run_stage(sft_run, "stage=rm", *COMMON, "run.name=p", "trainer.max_steps=2")
+    run_stage(sft_run, "stage=rm", *COMMON, "run.name=p", "trainer.max_steps=2")
     path = str(sft_run / "p" / "rm" / "adapter")
     rm = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1)
     tok = AutoTokenizer.from_pretrained(path)
-    rows = recipes.load(compose(sft_run, *COMMON, "run.name=p"), "preference")[1][:12]
+    rows = recipes.load(compose(sft_run, *COMMON, "run.name=p"), "preference")[1]
+    assert len(rows) == 8
     head = rm.base_model.model.score.modules_to_save["default"]
     with torch.no_grad():
         head.weight.zero_()
     m = pairwise_eval(rm, tok, rows, max_length=128, tie_epsilon=1e-3)
-    assert m["eval/ties"] == 12 and m["eval/accuracy"] == 0.0 and m["eval/tie_rate"] == 1.0
+    assert m["eval/ties"] == 8 and m["eval/accuracy"] == 0.0 and m["eval/tie_rate"] == 1.0
 
 
 def test_dpo_from_sft_logs_rewards_and_saves_policy(sft_run):
-    m = run_stage(sft_run, "stage=dpo", *COMMON, "run.name=p", "trainer.max_steps=4", "trainer.learning_rate=1e-3",
+    m = run_stage(sft_run, "stage=dpo", *COMMON, "run.name=p", "trainer.max_steps=2", "trainer.learning_rate=1e-3",
                   "dpo.loss_type=ipo")
     for key in ("train/rewards/accuracies", "train/rewards/margins", "eval_rewards/accuracies",
                 "eval_rewards/chosen", "eval_rewards/rejected"):
@@ -103,15 +100,15 @@ def test_qlora_rm_and_dpo(sft_run, stage):
 def test_missing_parent_names_the_stage_to_run(tmp_path):
     with pytest.raises(AlignError, match=r"stage=sft run.name=nothing"):
         run_stage(tmp_path, "stage=dpo", *COMMON, "run.name=nothing")
-    res = cli("stage=rm", *COMMON, "run.name=nothing", f"run.output_dir={tmp_path}")
-    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
-    assert "stage=sft" in res.stderr
+    with pytest.raises(AlignError, match=r"stage=sft run.name=nothing") as err:
+        run_stage(tmp_path, "stage=rm", *COMMON, "run.name=nothing")
+    assert "\n" not in str(err.value)  # the CLI prints it as its one `error:` line
 
 
 def test_kto_from_sft_on_unpaired_rows(sft_run):
     m = run_stage(sft_run, "stage=kto", *COMMON, "run.name=p", "trainer.max_steps=2")
-    assert m["train/global_step"] == 2 and m["data/train_rows_available"] == 64  # 32 pairs -> 64 unpaired rows
-    assert m["data/train_rows"] == 8  # 2 steps x batch 4: only those rows get reference log-probs
+    assert m["train/global_step"] == 2 and m["data/train_rows_available"] == 16  # 8 pairs -> 16 unpaired rows
+    assert m["data/train_rows"] == 4  # 2 steps x batch 2: only those rows get reference log-probs
     assert (sft_run / "p" / "kto" / "adapter" / "adapter_model.safetensors").exists()
     assert not (sft_run / "p" / "kto" / "adapter" / "ref").exists()
 
@@ -133,12 +130,12 @@ def test_on_policy_rejected_answers_come_from_the_model(sft_run, monkeypatch, st
 
     monkeypatch.setattr(negatives, "chat_generate", fake_generate)
     m = run_stage(sft_run, f"stage={stage}", *COMMON, "run.name=p", "trainer.max_steps=2", "run.overwrite=true",
-                  "data.rejected_source=policy", "data.max_rows=32")
+                  "data.rejected_source=policy")
     assert m["train/global_step"] == 2
     assert calls and calls[0]["begin_suppress_tokens"]  # the scope's refusal opener is barred
     assert m["data/on_policy_rejected"] > 0
-    # only the pairs two steps reach are answered (generation is the costly part)
-    assert m["data/train_rows"] == 8
+    # only the pairs two steps reach are answered (generation is the costly part): 2 x batch 2 of the 8 pairs
+    assert m["data/train_rows"] == 4
 
 
 def test_on_policy_chosen_answers_come_from_the_model(sft_run, monkeypatch):
@@ -156,12 +153,13 @@ def test_on_policy_chosen_answers_come_from_the_model(sft_run, monkeypatch):
     monkeypatch.setattr(negatives, "chat_generate", fake_generate)
     m = run_stage(sft_run, "stage=dpo", *COMMON, "run.name=p", "trainer.max_steps=2", "run.overwrite=true",
                   "data.rejected_source=template",
-                  "data.chosen_source=policy", "data.max_rows=32")
+                  "data.chosen_source=policy")
     assert len(calls) == 1 and not calls[0]["begin_suppress_tokens"]  # only the chosen side was written
     assert m["data/on_policy_chosen"] > 0 and "data/on_policy_rejected" not in m
 
 
 def test_unknown_chosen_source_is_one_clear_error(sft_run):
+    shutil.rmtree(sft_run / "p" / "data")  # the recipe build checks the data options: no finished build to reuse
     with pytest.raises(AlignError, match="data.chosen_source must be reference or policy, got 'own'"):
         run_stage(sft_run, "stage=dpo", *COMMON, "run.name=p", "run.overwrite=true",
                   "data.chosen_source=own")

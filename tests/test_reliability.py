@@ -15,12 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, SFT_ARGS, TINY, cli, compose, run_stage
+from conftest import FINISHED_SFT as SFT, PREF, ROOT, SECRET, TINY, cli, compose, copy_run, run_stage
 
 from align import AlignError, checks, locks, runs
-
-SECRET = "hf_reliabilitySECRET123"
-SFT = [*SFT_ARGS, "trainer.max_steps=2", "trainer.save_steps=1", "trainer.learning_rate=1e-3"]
 
 
 def snapshot(folder: Path) -> dict:
@@ -32,12 +29,10 @@ def adapter_bytes(root: Path, name: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished 2-step SFT run (run.name=base, seed 42, a checkpoint per step), trained with a token in
-    trainer.extra that must not reach any file."""
-    root = tmp_path_factory.mktemp("reliability")
-    run_stage(root, *SFT, "run.name=base", f"+trainer.extra.hub_token={SECRET}")
-    return root
+def finished(finished_sft, tmp_path_factory):
+    """A copy of the session's finished 2-step SFT run (run.name=base, seed 42, a checkpoint per step), trained with
+    a token in trainer.extra that must not reach any file; the tests below only read it (or fail to change it)."""
+    return copy_run(finished_sft, tmp_path_factory.mktemp("reliability"))
 
 
 # ---------------------------------------------------------------------------------------------- range checks
@@ -85,12 +80,13 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize("override,shown,expected", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
 def test_bad_value_is_one_line_exit_2_and_keeps_finished_outputs(finished, override, shown, expected):
+    """Each range check's error, raised before the finished run is touched: one line, which the CLI prints as
+    `error: <line>` with exit 2 (test_hydra_logs_are_scrubbed runs one bad value through the CLI)."""
     before = snapshot(finished / "base" / "sft")
-    res = cli(*SFT, "run.name=base", "run.overwrite=true", f"run.output_dir={finished}", override)
-    assert res.returncode == 2, res.stderr[-2000:]
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    assert shown in lines[0] and f"expected {expected}" in lines[0], lines[0]
+    with pytest.raises(AlignError) as err:
+        run_stage(finished, *SFT, "run.name=base", "run.overwrite=true", override)
+    line = str(err.value)
+    assert "\n" not in line and shown in line and f"expected {expected}" in line, line
     assert snapshot(finished / "base" / "sft") == before
     assert not (finished / "base" / "sft.new").exists()
 
@@ -136,13 +132,13 @@ def test_run_name_outside_output_dir_is_refused(tmp_path, name):
 # ---------------------------------------------------------------------------------------------- overwrite swap
 
 
-def test_failing_overwrite_keeps_the_old_run(finished):
-    before = snapshot(finished / "base" / "sft")
+def test_failing_overwrite_keeps_the_old_run(tiny_sft):
+    before = snapshot(tiny_sft / "base" / "sft")
     with pytest.raises(AlignError, match="nope.jsonl"):
-        run_stage(finished, *SFT, "run.name=base", "run.overwrite=true", "data.train_files=[nope.jsonl]")
-    assert snapshot(finished / "base" / "sft") == before
-    assert not runs.is_finished(finished / "base" / "sft.new")
-    assert not locks.lock_path(compose(finished, "run.name=base").run, "sft").exists()  # released on failure
+        run_stage(tiny_sft, *SFT, "run.name=base", "run.overwrite=true", "data.train_files=[nope.jsonl]")
+    assert snapshot(tiny_sft / "base" / "sft") == before
+    assert not runs.is_finished(tiny_sft / "base" / "sft.new")
+    assert not locks.lock_path(compose(tiny_sft, "run.name=base").run, "sft").exists()  # released on failure
 
 
 def test_killed_overwrite_keeps_the_old_run_and_resumes_into_a_swap(finished, tmp_path, caplog):
@@ -206,13 +202,13 @@ def test_a_live_lock_is_refused_in_one_line(tmp_path):
     try:
         (tmp_path / "lk").mkdir()
         (tmp_path / "lk" / ".sft.lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
-        res = cli(*SFT, "run.name=lk", f"run.output_dir={tmp_path}")
+        with pytest.raises(AlignError) as err:  # the CLI prints it as its one `error:` line, exit 2
+            run_stage(tmp_path, *SFT, "run.name=lk")
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert res.returncode == 2, res.stderr[-2000:]
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"another process (pid {sleeper.pid}, host {socket.gethostname()})" in lines[0]
+    assert f"another process (pid {sleeper.pid}, host {socket.gethostname()})" in str(err.value)
+    assert "\n" not in str(err.value)
     assert not (tmp_path / "lk" / "sft").exists()
 
 
@@ -293,7 +289,9 @@ def test_no_training_args_pickle_and_no_token_in_the_outputs(finished):
 def test_hydra_logs_are_scrubbed(tmp_path):
     res = cli(*SFT, "run.name=sec", f"run.output_dir={tmp_path}", f"+trainer.extra.hub_token={SECRET}",
               "trainer.max_steps=0")  # fails in the checks, after the logs are written
-    assert res.returncode == 2 and "trainer.max_steps=0" in res.stderr
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: trainer.max_steps=0: expected -1 or >= 1"), res.stderr
     logs = list((tmp_path / "sec" / "logs").rglob("*.yaml"))
     assert {p.name for p in logs} >= {"config.yaml", "hydra.yaml", "overrides.yaml"}
     assert not [p for p in logs if SECRET in p.read_text()]
@@ -350,11 +348,11 @@ def test_an_adapter_from_another_base_or_a_broken_one_is_one_line(finished, tmp_
     shutil.copytree(adapter, broken)
     weights = broken / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    res = cli("stage=safety_eval", *TINY, f"eval.adapter={broken}", "eval.max_prompts=2", "eval.compare_base=false",
-              f"run.output_dir={tmp_path}", "run.name=y", "data=instructions", "scope=none",
-              f"eval.prompts=[{ROOT}/data_recipes/tax_assistant/dev.jsonl]")
-    assert res.returncode == 2 and one_error_line(res.stderr), res.stderr[-1500:]
-    assert f"{broken}: the adapter weights are unreadable" in res.stderr
+    with pytest.raises(AlignError, match="the adapter weights are unreadable") as err:  # the CLI prints it as above
+        run_stage(tmp_path, "stage=safety_eval", *TINY, f"eval.adapter={broken}", "eval.max_prompts=2",
+                  "eval.compare_base=false", "run.name=y", "data=instructions", "scope=none",
+                  f"eval.prompts=[{ROOT}/data_recipes/tax_assistant/dev.jsonl]")
+    assert str(err.value).startswith(f"{broken}: the adapter weights are unreadable") and "\n" not in str(err.value)
 
 
 def one_error_line(stderr: str) -> bool:
@@ -374,13 +372,12 @@ def test_a_token_on_the_command_line_reaches_no_file_wandb_included(tmp_path):
     assert not leaked, leaked
 
 
-def test_dpo_killed_mid_run_and_resumed_ends_with_the_uninterrupted_adapter(tmp_path):
+def test_dpo_killed_mid_run_and_resumed_ends_with_the_uninterrupted_adapter(tax_sft, tmp_path):
     """The same for dpo, from one SFT adapter: kill -9 after checkpoint 2 of 4, resume, compare."""
-    fast = [*TINY, "data.max_rows=16", "trainer.max_length=320", "eval.max_new_tokens=6",
-            "trainer.per_device_train_batch_size=2", "trainer.learning_rate=1e-3"]
-    run_stage(tmp_path, "stage=sft", *fast, "run.name=whole", "trainer.max_steps=2")
-    shutil.copytree(tmp_path / "whole" / "sft", tmp_path / "cut" / "sft")
-    dpo = ["stage=dpo", *fast, "trainer.max_steps=4", "trainer.save_steps=1"]
+    for name in ("whole", "cut"):  # the data build and the sft stage, twice
+        shutil.copytree(tax_sft / "p", tmp_path / name)
+    dpo = ["stage=dpo", *PREF, "trainer.max_steps=4", "trainer.save_steps=1", "trainer.learning_rate=1e-3",
+           "trainer.per_device_train_batch_size=1"]
     run_stage(tmp_path, *dpo, "run.name=whole")
     kill_after_checkpoint(dpo, tmp_path, tmp_path / "cut" / "dpo", 2)
     run_stage(tmp_path, *dpo, "run.name=cut", "run.resume=true")

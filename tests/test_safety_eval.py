@@ -38,30 +38,31 @@ def test_user_prompt_file_on_base_model(tmp_path):
 
 
 def test_adapter_before_and_after_from_recipe_split(tiny_sft):
-    m = run_stage(tiny_sft, *EVAL, "run.name=t", "eval.max_prompts=12", "eval.judge=classifier")
+    m = run_stage(tiny_sft, *EVAL, "run.name=base", "eval.max_prompts=12", "eval.judge=classifier")
     assert m["adapter"].endswith("sft/adapter") and m["n_prompts"] == 12
     assert "before/os" in m and "after/os" in m
-    rows = [json.loads(line) for line in (tiny_sft / "t" / "safety_eval" / "responses.jsonl").read_text().splitlines()]
+    responses = tiny_sft / "base" / "safety_eval" / "responses.jsonl"
+    rows = [json.loads(line) for line in responses.read_text().splitlines()]
     assert {r["model"] for r in rows} == {"adapter", "base"} and len(rows) == 24
 
 
 def test_gates_exit_1_when_unmet_and_0_when_met(tmp_path):
     prompts = write_prompts(tmp_path / "mine.jsonl")
-    common = [*EVAL, f"eval.prompts=[{prompts}]", f"run.output_dir={tmp_path}"]
-    res = cli(*common, "run.name=g1", "eval.min_os=1.0")
+    common = [*EVAL, f"eval.prompts=[{prompts}]"]
+    res = cli(*common, f"run.output_dir={tmp_path}", "run.name=g1", "eval.min_os=1.0")
     assert res.returncode == 1, res.stderr[-500:]
     assert "gate failed" in res.stderr and "os" in res.stderr
-    res = cli(*common, "run.name=g2", "eval.min_os=0.0")
-    assert res.returncode == 0, res.stderr[-500:]
+    m = run_stage(tmp_path, *common, "run.name=g2", "eval.min_os=0.0")  # a met gate: no exit, the stage returns
+    assert m["gates_failed"] == [] and (tmp_path / "g2" / "safety_eval" / "manifest.json").exists()
 
 
 def test_bad_prompt_row_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok?", "expected": "answer", "category": "tax/x", "attack": null}\n'
                    '{"prompt": "missing expected", "category": "tax/x", "attack": null}\n')
-    res = cli(*EVAL, f"eval.prompts=[{bad}]", f"run.output_dir={tmp_path}", "run.name=b")
-    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
-    assert "bad.jsonl:2" in res.stderr
+    with pytest.raises(AlignError, match="bad.jsonl:2") as err:  # the CLI prints an AlignError as its one line
+        run_stage(tmp_path, *EVAL, f"eval.prompts=[{bad}]", "run.name=b")
+    assert "\n" not in str(err.value)
 
 
 def test_full_fine_tune_is_evaluated_as_a_model_beside_the_base(tmp_path, monkeypatch):
@@ -69,7 +70,7 @@ def test_full_fine_tune_is_evaluated_as_a_model_beside_the_base(tmp_path, monkey
     from align import models
 
     run_stage(tmp_path, "stage=sft", *TINY, "data=instructions", "scope=none", "peft=full", "run.name=f",
-              "trainer.max_steps=4", "trainer.learning_rate=2e-3")
+              "trainer.max_steps=4", "trainer.learning_rate=2e-3", "trainer.per_device_train_batch_size=2")
     loaded, load = [], models.load_model
 
     def spy(model_cfg, peft_cfg, head="causal", tokenizer=None, path=None):

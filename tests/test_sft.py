@@ -13,12 +13,13 @@ from conftest import ROOT, TINY, cli, compose, run_stage
 from align import AlignError
 
 SFT = ["stage=sft", *TINY, "data=instructions", "scope=none", "trainer.learning_rate=2e-3"]
+# two rows in one batch of two: every step sees the same batch, so the first and last loss compare like with like
+SAME_BATCH = ["data.max_rows=2", "trainer.per_device_train_batch_size=2"]
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "dora", "full"])
 def test_sft_loss_falls_for_each_method(tmp_path, method):
-    m = run_stage(tmp_path, *SFT, f"peft={method}", "run.name=m", "trainer.max_steps=12",
-                  "trainer.per_device_train_batch_size=8")
+    m = run_stage(tmp_path, *SFT, f"peft={method}", "run.name=m", "trainer.max_steps=12", *SAME_BATCH)
     assert m["train/last_loss"] < m["train/first_loss"] - 0.1, m
     out = tmp_path / "m" / "sft"
     saved = out / ("model" if method == "full" else "adapter")
@@ -38,31 +39,31 @@ def test_sft_loss_falls_for_each_method(tmp_path, method):
 def test_adapter_loads_with_autopeft(tiny_sft):
     from peft import AutoPeftModelForCausalLM
 
-    model = AutoPeftModelForCausalLM.from_pretrained(str(tiny_sft / "t" / "sft" / "adapter"))
+    model = AutoPeftModelForCausalLM.from_pretrained(str(tiny_sft / "base" / "sft" / "adapter"))
     assert model.peft_config["default"].r == 16
 
 
 def test_refuses_to_overwrite_a_finished_run(tiny_sft):
-    out = tiny_sft / "t" / "sft"
+    out = tiny_sft / "base" / "sft"
     before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     stamp = (out / "manifest.json").read_text()
     with pytest.raises(AlignError, match="run.overwrite=true"):
-        run_stage(tiny_sft, *SFT, "run.name=t", "trainer.max_steps=2")
+        run_stage(tiny_sft, *SFT, "run.name=base", "trainer.max_steps=2")
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
     assert (out / "manifest.json").read_text() == stamp
-    run_stage(tiny_sft, *SFT, "run.name=t", "trainer.max_steps=2", "run.overwrite=true")
+    run_stage(tiny_sft, *SFT, "run.name=base", "trainer.max_steps=2", "run.overwrite=true", *SAME_BATCH)
     assert (out / "manifest.json").read_text() != stamp
 
 
 def test_cli_refusal_is_one_line_and_keeps_outputs(tiny_sft):
-    res = cli(*SFT, "run.name=t", "trainer.max_steps=2", f"run.output_dir={tiny_sft}")
+    res = cli(*SFT, "run.name=base", "trainer.max_steps=2", f"run.output_dir={tiny_sft}")
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "run.overwrite=true" in res.stderr
-    assert (tiny_sft / "t" / "sft" / "manifest.json").exists()
+    assert (tiny_sft / "base" / "sft" / "manifest.json").exists()
 
 
 def test_resume_continues_from_last_checkpoint(tmp_path):
-    args = [*SFT, "run.name=r", "trainer.max_steps=6", "trainer.save_steps=3"]
+    args = [*SFT, "run.name=r", "trainer.max_steps=6", "trainer.save_steps=3", "trainer.per_device_train_batch_size=2"]
     # an interrupted run: checkpoints but no manifest
     run_stage(tmp_path, *args)
     out = tmp_path / "r" / "sft"
@@ -101,7 +102,8 @@ def wandb_records(path):
 
 
 def test_wandb_offline_run_holds_train_loss(tmp_path):
-    run_stage(tmp_path, *SFT, "tracking=wandb", "tracking.mode=offline", "run.name=w", "trainer.max_steps=3")
+    run_stage(tmp_path, *SFT, "tracking=wandb", "tracking.mode=offline", "run.name=w", "trainer.max_steps=3",
+              *SAME_BATCH)
     files = list((tmp_path / "w" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     keys, runs_seen = set(), []
@@ -118,25 +120,25 @@ def test_export_merged_logits_match(tiny_sft):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    run_stage(tiny_sft, "stage=export", *TINY, "run.name=t", "scope=none", "data=instructions")
+    run_stage(tiny_sft, "stage=export", *TINY, "run.name=base", "scope=none", "data=instructions")
     from align import models
 
-    merged = AutoModelForCausalLM.from_pretrained(str(tiny_sft / "t" / "export" / "model"))
+    merged = AutoModelForCausalLM.from_pretrained(str(tiny_sft / "base" / "export" / "model"))
 
     base = AutoModelForCausalLM.from_pretrained(models.resolve("align://tiny-llama"))
-    unmerged = PeftModel.from_pretrained(base, str(tiny_sft / "t" / "sft" / "adapter"))
+    unmerged = PeftModel.from_pretrained(base, str(tiny_sft / "base" / "sft" / "adapter"))
     ids = torch.tensor([[1, 520, 3000, 42, 7]])
     with torch.no_grad():
         a, b = merged(ids).logits, unmerged(ids).logits
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
-    assert not any(p.name.endswith(".bin") for p in (tiny_sft / "t" / "export" / "model").iterdir())
+    assert not any(p.name.endswith(".bin") for p in (tiny_sft / "base" / "export" / "model").iterdir())
 
 
 @pytest.mark.slow
 def test_sft_under_torchrun_two_processes(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align", *SFT,
-         "run.name=ddp", "trainer.max_steps=3", f"run.output_dir={tmp_path}"],
+         "run.name=ddp", "trainer.max_steps=3", "trainer.per_device_train_batch_size=2", f"run.output_dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
@@ -149,7 +151,7 @@ def test_sft_under_torchrun_two_processes(tmp_path):
 def test_last_n_layers_adapts_only_the_top_blocks(tmp_path):
     from safetensors.torch import load_file
 
-    m = run_stage(tmp_path, *SFT, "run.name=top", "trainer.max_steps=8", "peft.last_n_layers=1")
+    m = run_stage(tmp_path, *SFT, "run.name=top", "trainer.max_steps=8", "peft.last_n_layers=1", *SAME_BATCH)
     assert m["train/last_loss"] < m["train/first_loss"]
     keys = load_file(str(tmp_path / "top" / "sft" / "adapter" / "adapter_model.safetensors")).keys()
     assert keys and all(".layers.1." in k for k in keys)

@@ -40,11 +40,20 @@ def test_data_brings_its_scope_unless_scope_is_given(tmp_path, monkeypatch):
     assert compose("data=instructions", set_hydra_config=False).scope.name == "tax_assistant"
 
 
+def run_data_stage(*overrides: str) -> str:
+    """The one-line error (the CLI prints an AlignError as `error: <it>`, exit 2) of a data stage that must fail."""
+    from align.launch import run_stage
+
+    with pytest.raises(AlignError) as err:
+        run_stage(compose("stage=data", "model=tiny", "tracking=none", *overrides, set_hydra_config=False))
+    assert "\n" not in str(err.value), str(err.value)
+    return str(err.value)
+
+
 def test_a_recipe_built_under_another_scope_is_one_line(tmp_path):
-    res = cli("stage=data", "model=tiny", "tracking=none", "scope=none", f"run.output_dir={tmp_path}")
-    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    error = run_data_stage("scope=none", f"run.output_dir={tmp_path}")
     assert "data recipe 'tax_scoped' is written for scope 'tax_assistant', but the scope composed is named 'none'" \
-        in res.stderr
+        in error
     assert not (tmp_path / "default" / "data").exists()
 
 
@@ -56,7 +65,7 @@ def test_unknown_option_names_the_folders_it_looked_in(tmp_path):
     assert f"looked in {tmp_path}/conf/scope, " in res.stderr
 
 
-def test_a_placeholder_typo_is_an_error_naming_the_template(tmp_path):
+def test_a_placeholder_typo_is_an_error_naming_the_template(tmp_path, monkeypatch):
     card = OmegaConf.create({"refusal_templates": ["Sorry, I only do {capability}, not {topic}."],
                              "unsafe_templates": ["Sorry, I can't. Ask me about {capabilty} instead."]})
     with pytest.raises(AlignError, match=r"scope.unsafe_templates\[0\]: unknown placeholder \{capabilty\}"):
@@ -64,11 +73,11 @@ def test_a_placeholder_typo_is_an_error_naming_the_template(tmp_path):
     scope_mod.check_templates(OmegaConf.create({"refusal_templates": card.refusal_templates}))
     with pytest.raises(AlignError, match=r"scope.crisis_templates\[0\]"):
         scope_mod.check_templates(OmegaConf.create({"crisis_templates": ["Call {988"]}))
-    # through the data stage: one line, exit 2, no stage folder
+    # through the data stage, with the card in the user's ./conf: one line, no stage folder
     write(tmp_path / "conf/scope/typo.yaml", "name: typo\nunsafe_templates: ['Ask about {capabilty}']\n")
-    res = cli("stage=data", "model=tiny", "tracking=none", "scope=typo", "data.scope=null", cwd=tmp_path)
-    assert res.returncode == 2 and "unknown placeholder {capabilty}" in res.stderr, res.stderr
-    assert not (tmp_path / "default" / "data").exists()
+    monkeypatch.chdir(tmp_path)
+    assert "unknown placeholder {capabilty}" in run_data_stage("scope=typo", "data.scope=null")
+    assert not (tmp_path / "outputs" / "default" / "data").exists()
 
 
 class WordTokenizer:
@@ -99,15 +108,17 @@ def test_length_budget_counts_cut_answers_and_lost_tokens():
     assert budget.warn([got["short"]], 12) is None
 
 
-def test_scaffold_refuses_to_overwrite_and_bad_names(tmp_path):
-    ok = cli("stage=new", "scope.name=fitness", cwd=tmp_path)
-    assert ok.returncode == 0, ok.stderr
+def test_scaffold_refuses_to_overwrite_and_bad_names(tmp_path, monkeypatch):
+    from align.launch import run_stage
+
+    monkeypatch.chdir(tmp_path)  # the scaffold writes into the current folder, as `python -m align stage=new` does
+    run_stage(compose("stage=new", "scope.name=fitness", set_hydra_config=False))
     rows = [json.loads(line) for line in (tmp_path / "data/fitness/eval.jsonl").read_text().splitlines()]
     assert {r["expected"] for r in rows} == {"answer", "refuse"}
     before = (tmp_path / "conf/scope/fitness.yaml").read_text()
     (tmp_path / "data/fitness/dev.jsonl").write_text("mine\n")
-    again = cli("stage=new", "scope.name=fitness", cwd=tmp_path)
-    assert again.returncode == 2 and "already exists; stage=new never overwrites" in again.stderr
+    with pytest.raises(AlignError, match="already exists; stage=new never overwrites"):
+        run_stage(compose("stage=new", "scope.name=fitness", set_hydra_config=False))
     assert (tmp_path / "data/fitness/dev.jsonl").read_text() == "mine\n"
     assert (tmp_path / "conf/scope/fitness.yaml").read_text() == before
     bad = cli("stage=new", "scope.name=../x", cwd=tmp_path)
