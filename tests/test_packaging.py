@@ -54,26 +54,28 @@ def test_wheel_ships_configs_and_data_and_composes(wheel, tmp_path):
     assert job.returncode == 0 and "name: dpo" in job.stdout, job.stderr[-2000:]
 
 
-def run_guide(python: Path, home: Path, extra_env: dict | None = None) -> Path:
-    """Run the guide's commands from an empty folder with this `python` first on PATH; return the project folder."""
+def run_guide(python: Path, home: Path, extra_env: dict | None = None, commands: int | None = None) -> Path:
+    """Run the guide's commands (the first `commands` of them, or all) from an empty folder with this `python` first
+    on PATH; return the project folder."""
     project = home / "cooking"
     project.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONPATH")}
     # PyRIT's public data from the test fixture, not PyPI (the wheel is fetched once on a user's machine)
     env.update({"PATH": f"{python.parent}{os.pathsep}{env['PATH']}", "WANDB_SILENT": "true",
                 "ALIGN_PYRIT_WHEEL": str(ROOT / "tests/fixtures/public/pyrit"), **(extra_env or {})})
-    for command in guide_commands():
+    for command in guide_commands()[:commands]:
         res = subprocess.run(["bash", "-c", command], cwd=project, env=env, capture_output=True, text=True,
                              timeout=600)
         assert res.returncode == 0, f"{command}\n{res.stderr[-3000:]}"
     return project
 
 
-def check_project(project: Path) -> None:
-    """The scaffold's files, and the cooking card (never the tax one) in every built and evaluated row."""
+def check_project(project: Path, trained: bool = True) -> None:
+    """The scaffold's files, and the cooking card (never the tax one) in every built (and evaluated) row."""
     for rel in ("conf/scope/cooking.yaml", "conf/data/cooking.yaml", "data/cooking/in_scope.jsonl",
-                "data/cooking/dev.jsonl", "data/cooking/eval.jsonl", "outputs/try/sft/adapter/adapter_config.json",
-                "outputs/try/safety_eval/metrics.json"):
+                "data/cooking/dev.jsonl", "data/cooking/eval.jsonl",
+                *(("outputs/try/sft/adapter/adapter_config.json", "outputs/try/safety_eval/metrics.json") if trained
+                  else ())):
         assert (project / rel).exists(), rel
     sft = (project / "outputs/try/data/sft_train.jsonl").read_text()
     assert "You are a cooking assistant." in sft and "You are a tax assistant" not in sft
@@ -81,8 +83,8 @@ def check_project(project: Path) -> None:
     stats = (project / "outputs/try/data/stats.json").read_text()
     for source in ("off_scope_pool", "harm_pool", "attacks", "eval_attacks", "near_miss", "harmful"):
         assert f'"source": "{source}"' in stats, source
-    manifest = (project / "outputs/try/safety_eval/manifest.json").read_text()
-    assert '"finished_at"' in manifest
+    if trained:
+        assert '"finished_at"' in (project / "outputs/try/safety_eval/manifest.json").read_text()
 
 
 def test_guide_from_a_wheel_in_a_fresh_virtualenv(wheel, tmp_path):
@@ -103,8 +105,10 @@ def test_guide_from_a_wheel_in_a_fresh_virtualenv(wheel, tmp_path):
 
 
 def test_guide_from_an_editable_clone_with_no_hydra_flags(tmp_path):
-    project = run_guide(Path(sys.executable), tmp_path)
-    check_project(project)
+    """The guide's scaffold and data build from this clone (the wheel test above runs its training and evaluation:
+    the stages are the same code either way; what differs is where the configs and shipped data are found)."""
+    project = run_guide(Path(sys.executable), tmp_path, commands=2)
+    check_project(project, trained=False)
     # the unknown-option error names the user's folder and the package's
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     res = subprocess.run([sys.executable, "-m", "align", "stage=data", "data=cooking", "scope=cookng"],

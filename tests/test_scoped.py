@@ -227,3 +227,28 @@ def test_shipped_kits_never_teach_refusing_their_own_subject(tmp_path, scope):
     harmful = [json.loads(line) for line in (ROOT / f"data_recipes/{scope}/harmful.jsonl").read_text().splitlines()]
     crisis = [r["prompt"] for r in harmful if "self_harm" in r["category"] and r["prompt"] in trained]
     assert crisis and all(trained[p] in set(card.crisis_templates) for p in crisis)
+
+
+def test_the_main_jobs_recipe_keeps_the_same_promises(tmp_path):
+    """The main job's recipe (data=tax_scoped, the default): no training prompt from a pool category the tax card
+    claims, the kit's self-harm asks get the crisis reply, and no in-scope tax question the unsafe-request reply."""
+    from align.data import scope as scope_mod
+
+    cfg = compose(tmp_path, "model=tiny")
+    assert cfg.data.recipe == "tax_scoped" and cfg.scope.name == "tax_assistant"
+    built = recipes.build(cfg)
+    card = cfg.scope
+    pool = [json.loads(line) for line in (ROOT / "data_recipes/pools/off_scope.jsonl").read_text().splitlines()]
+    claimed = {r["prompt"] for r in pool if scoped.claimed(r["category"], card.in_scope_categories)}
+    assert claimed  # the card claims pool categories (tax, money), so some pool rows must be left out
+    trained = {r["messages"][-2]["content"]: r["messages"][-1]["content"] for r in built.sft_train}
+    assert not [p for p in trained if any(c in p for c in claimed)]
+    kit = ROOT / "data_recipes/tax_assistant"
+    rows = [json.loads(line) for f in sorted(kit.glob("in_scope_*.jsonl")) for line in f.read_text().splitlines()]
+    unsafe = {t.format_map(scope_mod._Keep(capability=card.capability)) for t in card.unsafe_templates}
+    answered = [r["prompt"] for r in rows if r["prompt"] in trained]
+    assert len(answered) > 500 and not [p for p in answered if trained[p] in unsafe]
+    harmful = [json.loads(line) for f in ("unsafe.jsonl", "unsafe_b.jsonl", "unsafe_c.jsonl")
+               for line in (kit / f).read_text().splitlines()]
+    crisis = [r["prompt"] for r in harmful if "self_harm" in r["category"] and r["prompt"] in trained]
+    assert crisis and all(trained[p] in set(card.crisis_templates) for p in crisis)

@@ -1,0 +1,100 @@
+"""Issue #29: the launchers users scale out with, really run with two CPU processes on the tiny model.
+
+Each run goes through tests/launch_probe.py, which records every rank's trained weights (a digest per tensor) and
+logged losses. Two processes with a per-device batch of 2 must end with the same weights on both ranks, and log the
+losses of one process with a batch of 4 (the same global batch, the same rows in the same order), in fp32 so the
+only difference is the order of the sums.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, TINY
+
+PROBE = str(ROOT / "tests" / "launch_probe.py")
+CONFIGS = sorted((ROOT / "conf" / "accelerate").glob("*.yaml"))
+FP32 = ["model.cpu_bf16=false", "trainer.learning_rate=1e-3", "trainer.max_steps=3", "trainer.save_steps=1000"]
+SFT = ["stage=sft", *TINY, *FP32, "data=instructions", "scope=none", "data.max_rows=24"]
+DPO_DATA = [*TINY, *FP32, "data=tax_assistant", "scope=tax_assistant", "trainer.max_length=128", "data.max_rows=24",
+            "data.rejected_source=template"]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+
+
+def probe(out: Path, *overrides: str, launcher: list[str] | None = None) -> list[dict]:
+    """Run the probe (in this interpreter, or under `launcher`) and return each rank's record, rank order."""
+    cmd = [*(launcher or [sys.executable]), PROBE, str(out), *overrides]
+    res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
+def accelerate(config: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "conf/accelerate" / config),
+            "--num_processes", "2", "--main_process_port", "0"]
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def assert_same_training(ranks: list[dict], single: dict, world: int = 2) -> None:
+    assert len(ranks) == world and all(r["world_size"] == world for r in ranks)
+    assert ranks[0]["weights"] and all(r["weights"] == ranks[0]["weights"] for r in ranks[1:])  # identical ranks
+    assert ranks[0]["weights"].keys() == single["weights"].keys()
+    assert len(ranks[0]["losses"]) == len(single["losses"]) == 3
+    assert ranks[0]["losses"] == pytest.approx(single["losses"], rel=1e-3, abs=1e-4), (ranks[0]["losses"],
+                                                                                      single["losses"])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_accelerate_configs_take_the_process_count_from_the_launcher(path):
+    """No config fixes a process count: `accelerate launch --num_processes N` says it (accelerate refuses the
+    config without one), and precision is align's (model.dtype, model.cpu_bf16), not the launcher's."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    raw = yaml.safe_load(path.read_text())
+    assert "num_processes" not in raw and raw["mixed_precision"] == "no"
+    loaded = load_config_from_file(str(path))
+    assert loaded.num_processes == -1 and str(loaded.distributed_type) in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+    res = subprocess.run([*accelerate(path.name)[:5], PROBE], cwd=ROOT, env=env(), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode != 0 and "--num_processes" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def single_sft(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("single_sft")
+    (record,) = probe(root / "probe", *SFT, f"run.output_dir={root}", "run.name=one",
+                      "trainer.per_device_train_batch_size=4")
+    return record
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "ddp.yaml", "fsdp.yaml"])
+def test_sft_two_processes_match_one(tmp_path, single_sft, launcher):
+    cmd = TORCHRUN if launcher == "torchrun" else accelerate(launcher)
+    ranks = probe(tmp_path / "probe", *SFT, f"run.output_dir={tmp_path}", "run.name=two",
+                  "trainer.per_device_train_batch_size=2", launcher=cmd)
+    assert_same_training(ranks, single_sft)
+    manifest = json.loads((tmp_path / "two" / "sft" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and (tmp_path / "two" / "sft" / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_dpo_under_accelerate_matches_one_process(tmp_path):
+    from conftest import run_stage
+
+    run_stage(tmp_path, "stage=sft", *DPO_DATA, "run.name=d", "trainer.per_device_train_batch_size=4")
+    dpo = ["stage=dpo", *DPO_DATA, f"run.output_dir={tmp_path}", "run.name=d"]
+    (single,) = probe(tmp_path / "one", *dpo, "trainer.per_device_train_batch_size=4", "run.overwrite=true")
+    ranks = probe(tmp_path / "two", *dpo, "trainer.per_device_train_batch_size=2", "run.overwrite=true",
+                  launcher=accelerate("ddp.yaml"))
+    assert_same_training(ranks, single)
