@@ -44,8 +44,8 @@ def policy_negatives(model, tokenizer, pairs: list, data_cfg, scope_cfg, eval_cf
 
     def write(prompts: list[list[dict]], barred: list[int] | None, desc: str) -> list[str]:
         texts, stats = chat_generate(model, tokenizer, prompts, max_new_tokens=eval_cfg.max_new_tokens,
-                                     batch_size=eval_cfg.batch_size, desc=desc, begin_suppress_tokens=barred,
-                                     cpu_bf16=cpu_bf16)
+                                     batch_size=eval_cfg.batch_size, batch_tokens=eval_cfg.batch_tokens, desc=desc,
+                                     begin_suppress_tokens=barred, cpu_bf16=cpu_bf16)
         log.info("%s: %d answers at %.1f tokens/s", desc, len(texts), stats["tokens_per_second"])
         return texts
 

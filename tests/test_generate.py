@@ -74,3 +74,16 @@ def test_refusal_openers_are_suppressed_only_at_the_first_token(tmp_path):
     assert held[0] != plain[0]  # greedy: the same prompt differs only because its top first token was barred
     with_first, _ = chat_generate(model, tok, convs, max_new_tokens=4, begin_suppress_tokens=[first + 1])
     assert with_first == plain  # barring a token greedy would not pick changes nothing
+
+
+def test_length_batches_keep_long_prompts_in_small_batches():
+    from align.generation import length_batches
+
+    lengths = [10, 600, 12, 11, 580, 9, 590, 13]
+    assert length_batches(lengths, 64) == [[5, 0, 3, 2, 7, 4, 6, 1]]  # shortest first, one batch without a budget
+    batches = length_batches(lengths, 3, batch_tokens=1200)
+    # 3 rows at most, and rows x the longest row within 1200: the 580 and 590 pair (1180), the 600 alone
+    assert batches == [[5, 0, 3], [2, 7], [4, 6], [1]]
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every prompt exactly once
+    for b in batches:
+        assert len(b) <= 3 and len(b) * max(lengths[i] for i in b) <= 1200 or len(b) == 1

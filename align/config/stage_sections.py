@@ -142,6 +142,9 @@ class EvalConfig:
                               "1.4x the tokens/s of 16 on the 2-core CPU (prompts are sorted by length, little "
                               "padding); lower it for big models on small GPUs",
                           at_least(1, "prompts generated together"))
+    batch_tokens: Optional[int] = opt(None, "at most this many padded prompt tokens per generation batch: long prompts "
+                                            "(attack templates) go in smaller batches (null = batch_size rows always)",
+                                      at_least(1, "padded prompt tokens per batch; null = no limit"))
     do_sample: bool = opt(False, "sample instead of greedy decoding")
     compare_base: bool = opt(True, "also evaluate the model before training (adapters disabled) for before/after "
                                    "deltas")

@@ -67,7 +67,8 @@ def model_generate(cfg, max_new_tokens: int):
     def generate(prompts: list[str]) -> list[str]:
         texts, stats = chat_generate(model, tokenizer, scope_conversations(system, prompts),
                                      max_new_tokens=max_new_tokens, batch_size=cfg.eval.batch_size,
-                                     desc="teacher answers", cpu_bf16=models.cpu_autocast(cfg.model, cfg.peft))
+                                     batch_tokens=cfg.eval.batch_tokens, desc="teacher answers",
+                                     cpu_bf16=models.cpu_autocast(cfg.model, cfg.peft))
         log.info("data.teacher: %d answers at %.1f tokens/s", len(texts), stats["tokens_per_second"])
         return texts
 

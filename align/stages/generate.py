@@ -71,6 +71,7 @@ def answer(model, tokenizer, cfg, prompts: list[str], adapter: str | None) -> li
     if adapter is not None:
         model.set_adapter(adapter)
     texts, _ = chat_generate(model, tokenizer, convs, cfg.generate.max_new_tokens, batch_size=cfg.eval.batch_size,
+                             batch_tokens=cfg.eval.batch_tokens,
                              do_sample=cfg.generate.do_sample, desc=f"answering ({adapter or 'base'})",
                              cpu_bf16=models.cpu_autocast(cfg.model, cfg.peft))
     return texts

@@ -121,7 +121,8 @@ def answer_and_judge(cfg, adapter: Path | None, rows: list[dict], judge) -> tupl
     if adapter is not None and not full:
         model = adapters.load(model, adapter)
     convs = scope_conversations(cfg.scope.system_prompt, [r["prompt"] for r in rows])
-    gen = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, do_sample=cfg.eval.do_sample,
+    gen = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+               batch_tokens=cfg.eval.batch_tokens, do_sample=cfg.eval.do_sample,
                cpu_bf16=models.cpu_autocast(cfg.model, cfg.peft))
     results, speed = {}, {}
     responses, speed["after"] = chat_generate(model, tokenizer, convs, desc="answering (after)", **gen)
