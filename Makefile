@@ -35,7 +35,7 @@ run: model
 # the 2-core machine; `make test TEST_WORKERS=0` runs them in this one process
 TEST_WORKERS ?= 2
 test: model
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 clean:
 	rm -rf $(VENV) outputs build dist *.egg-info

@@ -8,6 +8,7 @@ only difference is the order of the sums.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,14 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, TINY
+from conftest import PREF, ROOT, TINY
 
 PROBE = str(ROOT / "tests" / "launch_probe.py")
 CONFIGS = sorted((ROOT / "conf" / "accelerate").glob("*.yaml"))
 FP32 = ["model.cpu_bf16=false", "trainer.learning_rate=1e-3", "trainer.max_steps=3", "trainer.save_steps=1000"]
 SFT = ["stage=sft", *TINY, *FP32, "data=instructions", "scope=none", "data.max_rows=24"]
-DPO_DATA = [*TINY, *FP32, "data=tax_assistant", "scope=tax_assistant", "trainer.max_length=128", "data.max_rows=24",
-            "data.rejected_source=template"]
 
 
 def env() -> dict:
@@ -45,11 +44,13 @@ def accelerate(config: str) -> list[str]:
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def assert_same_training(ranks: list[dict], single: dict, world: int = 2) -> None:
+def assert_same_training(ranks: list[dict], single: dict, kind: str = "MULTI_CPU", world: int = 2,
+                         steps: int = 3) -> None:
     assert len(ranks) == world and all(r["world_size"] == world for r in ranks)
+    assert {r["distributed_type"] for r in ranks} == {f"DistributedType.{kind}"}  # the launcher's setup was used
     assert ranks[0]["weights"] and all(r["weights"] == ranks[0]["weights"] for r in ranks[1:])  # identical ranks
     assert ranks[0]["weights"].keys() == single["weights"].keys()
-    assert len(ranks[0]["losses"]) == len(single["losses"]) == 3
+    assert len(ranks[0]["losses"]) == len(single["losses"]) == steps
     assert ranks[0]["losses"] == pytest.approx(single["losses"], rel=1e-3, abs=1e-4), (ranks[0]["losses"],
                                                                                       single["losses"])
 
@@ -63,7 +64,7 @@ def test_accelerate_configs_take_the_process_count_from_the_launcher(path):
     raw = yaml.safe_load(path.read_text())
     assert "num_processes" not in raw and raw["mixed_precision"] == "no"
     loaded = load_config_from_file(str(path))
-    assert loaded.num_processes == -1 and str(loaded.distributed_type) in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+    assert loaded.num_processes == -1 and loaded.distributed_type.value in ("MULTI_GPU", "FSDP", "DEEPSPEED")
     res = subprocess.run([*accelerate(path.name)[:5], PROBE], cwd=ROOT, env=env(), capture_output=True, text=True,
                          timeout=300)
     assert res.returncode != 0 and "--num_processes" in res.stderr
@@ -83,18 +84,18 @@ def test_sft_two_processes_match_one(tmp_path, single_sft, launcher):
     cmd = TORCHRUN if launcher == "torchrun" else accelerate(launcher)
     ranks = probe(tmp_path / "probe", *SFT, f"run.output_dir={tmp_path}", "run.name=two",
                   "trainer.per_device_train_batch_size=2", launcher=cmd)
-    assert_same_training(ranks, single_sft)
+    assert_same_training(ranks, single_sft, "FSDP" if launcher == "fsdp.yaml" else "MULTI_CPU")
     manifest = json.loads((tmp_path / "two" / "sft" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and (tmp_path / "two" / "sft" / "adapter" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.slow
-def test_dpo_under_accelerate_matches_one_process(tmp_path):
-    from conftest import run_stage
-
-    run_stage(tmp_path, "stage=sft", *DPO_DATA, "run.name=d", "trainer.per_device_train_batch_size=4")
-    dpo = ["stage=dpo", *DPO_DATA, f"run.output_dir={tmp_path}", "run.name=d"]
-    (single,) = probe(tmp_path / "one", *dpo, "trainer.per_device_train_batch_size=4", "run.overwrite=true")
-    ranks = probe(tmp_path / "two", *dpo, "trainer.per_device_train_batch_size=2", "run.overwrite=true",
-                  launcher=accelerate("ddp.yaml"))
-    assert_same_training(ranks, single)
+def test_dpo_under_accelerate_matches_one_process(tax_sft, tmp_path):
+    """From the session's tax SFT run: on-policy negatives written by each rank, the reference log-probs computed
+    before training (TRL caches them in a file the ranks must share), two DPO steps."""
+    shutil.copytree(tax_sft / "p", tmp_path / "p")
+    dpo = ["stage=dpo", *PREF, *FP32[:2], "trainer.max_steps=2", f"run.output_dir={tmp_path}", "run.name=p",
+           "run.overwrite=true"]
+    (single,) = probe(tmp_path / "one", *dpo, "trainer.per_device_train_batch_size=4")
+    ranks = probe(tmp_path / "two", *dpo, "trainer.per_device_train_batch_size=2", launcher=accelerate("ddp.yaml"))
+    assert_same_training(ranks, single, steps=2)

@@ -1,14 +1,11 @@
 """SFT end to end on the tiny model: every adapter method learns, outputs, overwrite, resume, W&B."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY, cli, compose, run_stage
+from conftest import TINY, cli, run_stage
 
 from align import AlignError
 
@@ -132,20 +129,6 @@ def test_export_merged_logits_match(tiny_sft):
         a, b = merged(ids).logits, unmerged(ids).logits
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
     assert not any(p.name.endswith(".bin") for p in (tiny_sft / "base" / "export" / "model").iterdir())
-
-
-@pytest.mark.slow
-def test_sft_under_torchrun_two_processes(tmp_path):
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align", *SFT,
-         "run.name=ddp", "trainer.max_steps=3", "trainer.per_device_train_batch_size=2", f"run.output_dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    manifest = json.loads((tmp_path / "ddp" / "sft" / "manifest.json").read_text())
-    assert manifest["stage"] == "sft" and manifest["world_size"] == 2
-    assert (tmp_path / "ddp" / "sft" / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_last_n_layers_adapts_only_the_top_blocks(tmp_path):
