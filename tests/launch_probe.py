@@ -14,14 +14,22 @@ import sys
 from pathlib import Path
 
 
+def full_weight(param):
+    """The whole tensor on every rank: FSDP2 shards are DTensors, DeepSpeed ZeRO-3 keeps a partition per rank (both
+    gathers are collective: every rank asks for the same tensors in the same order)."""
+    if hasattr(param, "full_tensor"):
+        return param.full_tensor().detach().float().cpu()
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.detach().float().cpu().clone()
+    return param.detach().float().cpu()
+
+
 def weight_digests(model) -> dict:
-    out = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        tensor = param.full_tensor() if hasattr(param, "full_tensor") else param  # FSDP2 shards are DTensors
-        out[name] = hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
-    return out
+    return {name: hashlib.sha256(full_weight(param).contiguous().numpy().tobytes()).hexdigest()
+            for name, param in model.named_parameters() if param.requires_grad}
 
 
 def main(out: str, overrides: list[str]) -> None:

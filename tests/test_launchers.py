@@ -25,7 +25,8 @@ SFT = ["stage=sft", *TINY, *FP32, "data=instructions", "scope=none", "data.max_r
 
 
 def env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    # DS_ACCELERATOR: DeepSpeed's CPU accelerator (gloo), where DeepSpeed is installed
+    return {"DS_ACCELERATOR": "cpu", **os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
 
 
 def probe(out: Path, *overrides: str, launcher: list[str] | None = None) -> list[dict]:
@@ -99,3 +100,15 @@ def test_dpo_under_accelerate_matches_one_process(tax_sft, tmp_path):
     (single,) = probe(tmp_path / "one", *dpo, "trainer.per_device_train_batch_size=4")
     ranks = probe(tmp_path / "two", *dpo, "trainer.per_device_train_batch_size=2", launcher=accelerate("ddp.yaml"))
     assert_same_training(ranks, single, steps=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_sft_under_deepspeed_on_the_cpu_matches_one_process(tmp_path, single_sft, config):
+    """The optional extra (README: pip install --no-build-isolation ".[deepspeed]"), on DeepSpeed's CPU accelerator
+    (gloo); skipped where DeepSpeed is not installed, as in `make test`."""
+    pytest.importorskip("deepspeed")
+    ranks = probe(tmp_path / "probe", *SFT, f"run.output_dir={tmp_path}", "run.name=ds",
+                  "trainer.per_device_train_batch_size=2", launcher=accelerate(config))
+    assert_same_training(ranks, single_sft, "DEEPSPEED")
+    assert (tmp_path / "ds" / "sft" / "adapter" / "adapter_model.safetensors").exists()
