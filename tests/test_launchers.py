@@ -112,3 +112,17 @@ def test_sft_under_deepspeed_on_the_cpu_matches_one_process(tmp_path, single_sft
                   "trainer.per_device_train_batch_size=2", launcher=accelerate(config))
     assert_same_training(ranks, single_sft, "DEEPSPEED")
     assert (tmp_path / "ds" / "sft" / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_ppo_refuses_a_sharded_launch_in_one_line(tmp_path, monkeypatch, var):
+    """What `accelerate launch` with fsdp.yaml or a deepspeed config sets (checked by hand: README, #29's note)."""
+    from conftest import compose
+
+    from align import AlignError
+    from align.stages.ppo import accelerator_for
+
+    monkeypatch.setenv(var, "true")
+    with pytest.raises(AlignError, match=f"ppo does not run under .* \\(launched with {var}=true\\).*ddp.yaml") as e:
+        accelerator_for(compose(tmp_path, "stage=ppo", *TINY))
+    assert "\n" not in str(e.value)
