@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from align import AlignError, adapters, models, runs
 from align.distributed import distributed_state, is_main_process  # noqa: F401 (stages call training.*)
@@ -48,7 +49,8 @@ def trainer_args(cfg, out: Path, tracker, config_cls, has_eval: bool, **stage_kw
         disable_tqdm=False,
     )
     kwargs.update(stage_kwargs)
-    kwargs.update(dict(t.extra))
+    # plain lists and dicts: transformers checks types (GaLore's optim_target_modules must be a list)
+    kwargs.update(OmegaConf.to_container(t.extra, resolve=True) if OmegaConf.is_config(t.extra) else dict(t.extra))
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
@@ -74,6 +76,9 @@ def check_optimizer(t, kwargs: dict) -> None:
     if missing:
         raise AlignError(f"trainer.optim={t.optim} needs the {missing[0]} package (pip install "
                          f"{missing[0].replace('_', '-')}); or use trainer.optim=adamw_torch")
+    if t.optim == "adalomo" and not torch.cuda.is_available():
+        raise AlignError("trainer.optim=adalomo: lomo-optim's AdaLomo runs on CUDA only; on the CPU use "
+                         "trainer.optim=lomo or adamw_torch")
     if t.optim.startswith("galore_") and not kwargs.get("optim_target_modules"):
         raise AlignError(f"trainer.optim={t.optim} needs trainer.extra.optim_target_modules (e.g. [attn, mlp])")
     if "bitsandbytes" in needs and not torch.cuda.is_available():

@@ -8,6 +8,11 @@ markdown table, a PNG chart and the raw results (JSON) next to each other:
     python scripts/compare_peft.py --lr lora=1e-3,ia3=1e-2          # change entries of the LR table
     python scripts/compare_peft.py trainer.learning_rate=3e-4       # one LR for every method (extra overrides)
     python scripts/compare_peft.py --model tiny --methods lora,full --steps 2 --out-md /tmp/cmp.md   # smoke run
+    python scripts/compare_peft.py --methods full,full+galore_adamw,full+adalomo --out-md docs/full_optimizers.md
+
+A method is a peft= option, optionally with `+<trainer.optim>`: full+galore_adamw is full fine-tuning with GaLore
+(pip install galore-torch; its projection on the attention and MLP weights), full+lomo and full+adalomo with LOMO's
+fused optimizers (pip install lomo-optim).
 
 Extra overrides (trailing key=value) go to every child after the script's own, so they win.
 A method that fails (e.g. bitfit on a model without biases) gets its one-line error in the table; the script
@@ -34,21 +39,41 @@ ALL_METHODS = "lora,qlora,dora,ia3,prefix,prompt,ptuning,bitfit,freeze,full"
 # all). Methods with few parameters need larger steps (prompt tuning papers go up to 0.3), while full and
 # partial fine-tuning of every weight of a block need smaller ones.
 LEARNING_RATES = {"lora": 3e-4, "qlora": 3e-4, "dora": 3e-4, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2,
-                  "ptuning": 3e-3, "bitfit": 1e-3, "freeze": 5e-5, "full": 5e-5}
+                  "ptuning": 3e-3, "bitfit": 1e-3, "freeze": 5e-5, "full": 5e-5,
+                  # full fine-tuning with a memory-saving optimizer: GaLore at AdamW's rate (it projects AdamW's
+                  # update); LOMO is plain SGD fused into backward, AdaLomo adapts its step per weight
+                  "full+galore_adamw": 5e-5, "full+lomo": 1e-2, "full+adalomo": 5e-4}
 DEFAULT_LR = 3e-4  # for a method missing from the table
 MB = 2**20
 MARK = "compare_peft result: "  # the Trainer prints its own dict lines to stdout too
 
 
+def split_method(method: str) -> tuple[str, str | None]:
+    """'full+galore_adamw' -> ('full', 'galore_adamw'); 'lora' -> ('lora', None)."""
+    peft, _, optim = method.partition("+")
+    return peft, optim or None
+
+
+def optimizer_overrides(optim: str | None) -> list[str]:
+    if optim is None:
+        return []
+    # GaLore projects the gradients of the weights it is told about (module-name patterns); here every linear
+    # layer of attention and MLP blocks, as in the GaLore paper
+    galore = ["+trainer.extra.optim_target_modules=[attn,mlp]"] if optim.startswith("galore") else []
+    return [f"trainer.optim={optim}", *galore]
+
+
 def overrides(args, method: str, out: str, lr) -> list[str]:
-    """The child's Hydra overrides: identical for every method except peft=, run.name= and the LR."""
-    return [f"model={args.model}", f"peft={method}", "data=tax_assistant", "tracking=none",
-            f"run.output_dir={out}", f"run.name={method}", f"data.max_rows={args.rows}",
+    """The child's Hydra overrides: identical for every method except peft= (and trainer.optim=), run.name= and
+    the LR."""
+    peft, optim = split_method(method)
+    return [f"model={args.model}", f"peft={peft}", "data=tax_assistant", "tracking=none",
+            f"run.output_dir={out}", f"run.name={method.replace('+', '-')}", f"data.max_rows={args.rows}",
             f"trainer.max_steps={args.steps}", f"trainer.per_device_train_batch_size={args.batch}",
             f"trainer.max_length={args.max_length}", f"trainer.learning_rate={lr}",
             # the Trainer saves a checkpoint (with optimizer state) at the last step whatever save_steps says,
             # inside train_runtime: turn checkpoints off so s/step is training alone
-            "trainer.save_steps=100000", "+trainer.extra.save_strategy=no", *args.extra]
+            "trainer.save_steps=100000", "+trainer.extra.save_strategy=no", *optimizer_overrides(optim), *args.extra]
 
 
 def child(method: str, threads: int | None, cfg_overrides: list[str]) -> None:
@@ -134,7 +159,9 @@ def fmt(x, kind: str = "num") -> str:
 
 def setting(r: dict) -> str:
     """What the method trains, from the child's composed peft config."""
-    p, m = r.get("peft") or {}, r["method"]
+    p, (m, optim) = r.get("peft") or {}, split_method(r["method"])
+    if optim:
+        return f"{setting({**r, 'method': m})}, optimizer {optim}"
     if m in ("lora", "qlora", "dora"):
         quant = f", base in 4-bit {p['bnb_4bit_quant_type']}" if p.get("load_in_4bit") else ""
         layers = f", last {p['last_n_layers']} blocks" if p.get("last_n_layers") else ""

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 from conftest import ROOT
 
@@ -63,3 +64,17 @@ def test_compare_fails_when_every_method_fails(tmp_path):
     assert res.returncode != 0
     assert "unknown option 'nonexistent'" in res.stderr and "every method failed" in res.stderr
     assert not md.exists()
+
+
+def test_a_method_may_name_a_full_parameter_optimizer():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_peft", ROOT / "scripts" / "compare_peft.py")
+    cmp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cmp)
+    assert cmp.split_method("full+galore_adamw") == ("full", "galore_adamw")
+    assert cmp.split_method("lora") == ("lora", None)
+    args = SimpleNamespace(model="tiny", rows=4, steps=2, batch=2, max_length=64, extra=["trainer.logging_steps=1"])
+    ov = cmp.overrides(args, "full+galore_adamw", "/tmp/x", 5e-5)
+    assert "peft=full" in ov and "run.name=full-galore_adamw" in ov and "trainer.optim=galore_adamw" in ov
+    assert "+trainer.extra.optim_target_modules=[attn,mlp]" in ov and ov[-1] == "trainer.logging_steps=1"

@@ -197,6 +197,22 @@ def test_optimizers_from_missing_packages_fail_in_one_line(tmp_path, optim, pack
     assert "\n" not in str(err.value)
 
 
+def test_trainer_extra_reaches_trl_as_plain_lists(tmp_path):
+    """GaLore's optim_target_modules must be a list, and transformers refuses OmegaConf's ListConfig."""
+    args = _args(tmp_path, "adamw_torch", "+trainer.extra.label_names=[labels]")
+    assert type(args.label_names) is list and args.label_names == ["labels"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="AdaLomo runs on CUDA")
+def test_adalomo_on_the_cpu_is_one_line(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("lomo_optim") is None:
+        pytest.skip("lomo-optim is not installed (the missing-package line is the test above)")
+    with pytest.raises(AlignError, match="AdaLomo runs on CUDA only"):
+        _args(tmp_path, "adalomo")
+
+
 def test_bnb_8bit_optimizer_runs_on_cpu(tmp_path):
     """bitsandbytes >= 0.49 ships CPU kernels for its 8-bit optimizers: no refusal, and one step moves a weight."""
     import bitsandbytes as bnb
