@@ -268,3 +268,26 @@ def _numel(p: torch.nn.Parameter) -> int:
     if hasattr(p, "quant_state") and p.quant_state is not None:
         return int(torch.Size(p.quant_state.shape).numel())
     return p.numel()
+
+
+def merged_model(model_cfg, peft_cfg, tokenizer, sft_dir, head: str = "causal"):
+    """The SFT stage's policy as one plain model, for the stages that train every weight (peft=full, bitfit,
+    freeze): a full SFT's model/ as saved, or the base with the SFT adapter merged in (peft's merge_and_unload), so
+    training goes on from what SFT learned, never from the bare base. head='score' keeps that backbone under a
+    fresh scalar head (the rm stage)."""
+    from align import models
+
+    sft_dir = Path(sft_dir)
+    if (sft_dir / "config.json").exists():
+        return models.load_model(model_cfg, peft_cfg, head, tokenizer, path=sft_dir)
+    loaded = load(models.load_model(model_cfg, peft_cfg, "causal", tokenizer), sft_dir)
+    if loaded.active_peft_config.is_prompt_learning:  # soft prompts live beside the weights, not in them
+        raise AlignError(f"{sft_dir}: a {loaded.active_peft_config.peft_type} adapter has no weights to merge into "
+                         f"the base for peft={peft_cfg.method}; run sft with peft=lora, qlora, dora or ia3, or full")
+    merged = loaded.merge_and_unload().requires_grad_(True)  # peft froze the base; attach decides what trains
+    if head == "causal":
+        return merged
+    model = models.load_model(model_cfg, peft_cfg, head, tokenizer)
+    # the decoder stacks of *ForCausalLM and *ForSequenceClassification share their keys (base_model_prefix)
+    getattr(model, model.base_model_prefix).load_state_dict(getattr(merged, merged.base_model_prefix).state_dict())
+    return model

@@ -94,7 +94,11 @@ def load_policy(model_cfg, peft_cfg, tokenizer, sft_adapter: Path | str):
 
     sft_adapter = Path(sft_adapter)
     adapters.check_supported(peft_cfg, stage="ppo", init_from=sft_adapter)
-    if peft_cfg.method == "full" or not (sft_adapter / "adapter_config.json").exists():
+    if adapters.saves_full_model(peft_cfg):
+        raise AlignError(f"peft={peft_cfg.method} cannot run the ppo stage: ppo keeps the policy, its reference and "
+                         f"the reward model as adapters on one frozen base plus a value head; run sft, rm and ppo with "
+                         f"peft=lora, qlora or dora, or use dpo or kto with peft={peft_cfg.method}")
+    if not (sft_adapter / "adapter_config.json").exists():
         raise AlignError(f"ppo trains a LoRA-family adapter on a frozen base: {sft_adapter} is not a PEFT adapter "
                          f"folder; run sft with peft=lora, qlora or dora (peft=full is not supported by ppo)")
     base = models.load_model(model_cfg, peft_cfg, "causal", tokenizer)

@@ -4,6 +4,8 @@ The reward model shares the policy's base: the rm adapter is loaded into the sam
 adapter "reward" (align/rl/reward.py, as in ppo), and TRL keeps a frozen copy of the SFT adapter as its
 "ref" adapter. One base model in memory. At the end the SFT policy ("ref") and the GRPO policy are
 compared on held-out prompts by the reward model (greedy), like the ppo stage.
+peft=full (bitfit, freeze) is refused: TRL's GRPOTrainer would train a whole model, but the reward and the
+held-out comparison here are adapters switched on one shared base (use dpo or kto for full fine-tuning).
 """
 
 import logging
@@ -20,17 +22,29 @@ log = logging.getLogger(__name__)
 LOG_KEYS = ("reward", "reward_std", "kl", "entropy", "completions/mean_length", "completions/clipped_ratio")
 
 
-def run(cfg) -> dict:
-    from trl import GRPOConfig, GRPOTrainer
-
-    started = time.time()
-    main = training.is_main_process()
+def parents(cfg) -> tuple:
+    """The SFT adapter and the rm adapter grpo starts from, or the one-line refusal, before any model loads."""
+    if adapters.saves_full_model(cfg.peft):
+        raise AlignError(f"peft={cfg.peft.method} cannot run the grpo stage: align's grpo scores completions with the "
+                         f"rm adapter on the policy's own base and compares the sft and grpo policies as adapters of "
+                         f"one model; run sft, rm and grpo with peft=lora, qlora or dora, or use dpo or kto with "
+                         f"peft={cfg.peft.method}")
     sft_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg.run, ("sft",), cfg.stage.init_from, needed_by="grpo"),
                                                cfg.model.name_or_path))
     rm_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg.run, ("rm",), None, needed_by="grpo"),
                                               cfg.model.name_or_path))
     if not (sft_dir / "adapter_config.json").exists():
-        raise AlignError(f"grpo: {sft_dir} is not a PEFT adapter; grpo trains on top of an sft adapter")
+        raise AlignError(f"grpo: {sft_dir} is not a PEFT adapter; grpo trains on top of an sft adapter (run sft with "
+                         f"peft=lora, qlora or dora)")
+    return sft_dir, rm_dir
+
+
+def run(cfg) -> dict:
+    from trl import GRPOConfig, GRPOTrainer
+
+    started = time.time()
+    main = training.is_main_process()
+    sft_dir, rm_dir = parents(cfg)
     out = runs.prepare(cfg.run, "grpo", main_process=main)
     tokenizer = models.load_tokenizer(cfg.model)
     train_rows, eval_rows = recipes.load(cfg, "prompt", tokenizer)

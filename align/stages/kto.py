@@ -1,7 +1,7 @@
-"""Stage kto: TRL's KTOTrainer (Kahneman-Tversky optimisation) on unpaired feedback, from the SFT adapter.
+"""Stage kto: TRL's KTOTrainer (Kahneman-Tversky optimisation) on unpaired feedback, from the SFT stage.
 
 Each preference pair becomes two unpaired rows: the chosen answer labelled desirable, the rejected one
-undesirable. Same reference handling and outputs as the dpo stage.
+undesirable. Same reference handling and outputs as the dpo stage, peft=full included.
 """
 
 from align.preference import train_from_sft

@@ -3,6 +3,9 @@
 The score head trains in full beside the adapter (peft's modules_to_save). The adapter starts from
 the SFT adapter of the same run (rm.init=sft) or from scratch on the base (rm.init=base), and is
 always saved relative to the plain base, so AutoPeftModelForSequenceClassification loads it.
+With peft=full (every weight trains, model/ is saved) and rm.init=sft the backbone is the SFT model's:
+a full SFT's model/, or the base with the SFT adapter merged in; a fresh score head goes on top. A full
+SFT model with an adapter method here is refused (the adapter would start from the base, not from SFT).
 With data.rejected_source=policy the refuse pairs' rejected side is the SFT policy's own compliant
 answer (align/negatives.py), in train and eval pairs, so the accuracy measures what PPO will rely on.
 """
@@ -90,18 +93,54 @@ def fit_pairs(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
 
 def policy_negatives(cfg, tokenizer, sft_dir, rows: list[dict]) -> tuple[list[dict], dict]:
     """The SFT policy's own compliant answers as the rejected side of refuse pairs (see align.negatives), in
-    training and eval pairs alike, so the reward model learns and is measured on what PPO will sample. Without
-    an SFT adapter there is no policy yet and the templates stay."""
-    if sft_dir is None or adapters.saves_full_model(cfg.peft):
-        log.info("rm: no SFT adapter to write on-policy negatives (rm.init=%s, peft=%s); templates stay",
-                 cfg.rm.init, cfg.peft.method)
+    training and eval pairs alike, so the reward model learns and is measured on what PPO will sample. The policy
+    is the SFT adapter on the base, or a full SFT's model/ as saved. Without an SFT stage (rm.init=base) there is
+    no policy yet and the templates stay."""
+    if sft_dir is None:
+        log.info("rm: no SFT policy to write on-policy negatives (rm.init=%s); templates stay", cfg.rm.init)
         return rows, {}
-    policy = adapters.attach(models.load_model(cfg.model, cfg.peft, "causal", tokenizer), cfg.peft, "CAUSAL_LM",
-                             init_from=str(sft_dir))
+    if (sft_dir / "config.json").exists():
+        policy = models.load_model(cfg.model, cfg.peft, "causal", tokenizer, path=sft_dir)
+    else:
+        policy = adapters.attach(models.load_model(cfg.model, cfg.peft, "causal", tokenizer), cfg.peft,
+                                 "CAUSAL_LM", init_from=str(sft_dir))
     rows, on_policy = negatives.policy_negatives(policy, tokenizer, rows, cfg.data, cfg.scope, cfg.eval,
                                                  models.cpu_autocast(cfg.model, cfg.peft))
     del policy
     return rows, on_policy
+
+
+def sft_parent(cfg):
+    """The SFT output the reward model starts from (None with rm.init=base), or the one-line refusal, before any
+    model loads."""
+    if not (cfg.rm.init == "sft" or cfg.stage.init_from):
+        if cfg.rm.init != "base":
+            raise AlignError(f"rm.init: expected sft or base, got {cfg.rm.init!r}")
+        return None
+    adapters.check_supported(cfg.peft, "SEQ_CLS", "rm")  # e.g. methods that cannot start from the sft weights
+    sft_dir = runs.adapter_of(runs.find_parent(cfg.run, ("sft",), cfg.stage.init_from, needed_by="rm"))
+    if (sft_dir / "config.json").exists() and not adapters.saves_full_model(cfg.peft):
+        # a fresh adapter on the base would silently drop what SFT learned
+        raise AlignError(f"rm: {sft_dir} is a whole sft model (sft ran with peft=full, bitfit or freeze), not an "
+                         f"adapter; a peft={cfg.peft.method} reward model starts from the sft adapter's weights: run "
+                         f"rm with peft=full, or rm.init=base")
+    return sft_dir
+
+
+def reward_model(cfg, tokenizer, sft_dir):
+    """What RewardTrainer trains: the base (or, with peft=full and an SFT parent, the SFT model's backbone) under a
+    fresh score head, with the adapter (started from the SFT adapter's LoRA weights when there is one)."""
+    full = adapters.saves_full_model(cfg.peft)
+    if sft_dir is not None and full:
+        model = adapters.merged_model(cfg.model, cfg.peft, tokenizer, sft_dir, "score")
+        log.info("rm: peft=%s starts from the sft model %s (score head new)", cfg.peft.method, sft_dir)
+    else:
+        model = models.load_model(cfg.model, cfg.peft, "score", tokenizer)
+    model = adapters.attach(model, cfg.peft, "SEQ_CLS")
+    if sft_dir is not None and not full:
+        n = init_from_adapter(model, sft_dir)
+        log.info("rm: initialised %d LoRA tensors from %s", n, sft_dir)
+    return model
 
 
 def run(cfg) -> dict:
@@ -109,13 +148,8 @@ def run(cfg) -> dict:
 
     started = time.time()
     main = training.is_main_process()
-    parents = {}
-    sft_dir = None
-    if cfg.rm.init == "sft" or cfg.stage.init_from:
-        sft_dir = runs.adapter_of(runs.find_parent(cfg.run, ("sft",), cfg.stage.init_from, needed_by="rm"))
-        parents["sft"] = sft_dir
-    elif cfg.rm.init != "base":
-        raise AlignError(f"rm.init: expected sft or base, got {cfg.rm.init!r}")
+    sft_dir = sft_parent(cfg)
+    parents = {"sft": sft_dir} if sft_dir is not None else {}
     out = runs.prepare(cfg.run, "rm", main_process=main)
     tokenizer = models.load_tokenizer(cfg.model)
     train_rows, eval_rows = recipes.load(cfg, "preference", tokenizer)
@@ -128,11 +162,7 @@ def run(cfg) -> dict:
     eval_rows = fit_pairs(eval_rows, tokenizer, cfg.trainer.max_length)
     log.info("rm: %d train pairs, %d eval pairs", len(train_rows), len(eval_rows))
 
-    model = models.load_model(cfg.model, cfg.peft, "score", tokenizer)
-    model = adapters.attach(model, cfg.peft, "SEQ_CLS")
-    if sft_dir is not None and not adapters.saves_full_model(cfg.peft):
-        n = init_from_adapter(model, sft_dir)
-        log.info("rm: initialised %d LoRA tensors from %s", n, sft_dir)
+    model = reward_model(cfg, tokenizer, sft_dir)
 
     tracker = tracking.start(cfg, "rm", main)
     args = training.trainer_args(
