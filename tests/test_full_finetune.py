@@ -173,15 +173,16 @@ def test_a_lora_reward_model_on_a_full_sft_model_is_refused(full_run):
 def test_grpo_and_ppo_refuse_full_fine_tuning(full_run):
     from align.rl import policy
 
-    msg = ("peft=full cannot run the grpo stage: align's grpo scores completions with the rm adapter on the policy's "
-           "own base and compares the sft and grpo policies as adapters of one model; run sft, rm and grpo with "
-           "peft=lora, qlora or dora, or use dpo or kto with peft=full")
-    with pytest.raises(AlignError, match=f"^{re.escape(msg)}$"):
-        run_stage(full_run, "stage=grpo", *PREF, "run.name=p", "peft=full")
-    # ppo's refusal comes from loading its policy, before any weight is read
-    cfg = compose(full_run, "stage=ppo", *PREF, "run.name=p", "peft=full")
-    msg = ("peft=full cannot run the ppo stage: ppo keeps the policy, its reference and the reward model as adapters "
-           "on one frozen base plus a value head; run sft, rm and ppo with peft=lora, qlora or dora, or use dpo or "
-           "kto with peft=full")
-    with pytest.raises(AlignError, match=f"^{re.escape(msg)}$"):
+    for stage in ("grpo", "ppo"):
+        msg = (f"peft=full cannot run the {stage} stage: {stage} keeps the policy, its reference and the reward model "
+               f"as adapters on one frozen base; run sft, rm and {stage} with peft=lora, qlora or dora, or use dpo or "
+               "kto with peft=full")
+        with pytest.raises(AlignError, match=f"^{re.escape(msg)}$"):
+            run_stage(full_run, f"stage={stage}", *PREF, "run.name=p", "peft=full")
+        # the pipeline says it before sft and rm run
+        with pytest.raises(AlignError, match=f"^{re.escape(msg)}$"):
+            run_stage(full_run, "stage=pipeline", *PREF, "run.name=pf", "peft=full", f"pipeline.policy={stage}")
+        assert not (full_run / "pf").exists()
+    cfg = compose(full_run, "stage=ppo", *PREF, "run.name=p", "peft=full")  # and loading ppo's policy, as ever
+    with pytest.raises(AlignError, match="cannot run the ppo stage"):
         policy.load_policy(cfg.model, cfg.peft, None, full_run / "p" / "sft" / "model")

@@ -85,6 +85,15 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
+def check_adapter_method(peft_cfg, stage: str) -> None:
+    """ppo and grpo keep the policy, its reference and the reward model as adapters on one frozen base: a method
+    that trains the whole model (peft=full, bitfit, freeze) is refused in one line, before anything loads."""
+    if adapters.saves_full_model(peft_cfg):
+        raise AlignError(f"peft={peft_cfg.method} cannot run the {stage} stage: {stage} keeps the policy, its reference "
+                         f"and the reward model as adapters on one frozen base; run sft, rm and {stage} with "
+                         f"peft=lora, qlora or dora, or use dpo or kto with peft={peft_cfg.method}")
+
+
 def load_policy(model_cfg, peft_cfg, tokenizer, sft_adapter: Path | str):
     """The base of `model_cfg` (the model section; 4-bit if peft_cfg.load_in_4bit) with the SFT adapter twice:
     "policy" (trainable) and "ref" (frozen reference). Dropout off. Returns the PeftModel with "policy" active."""
@@ -94,10 +103,7 @@ def load_policy(model_cfg, peft_cfg, tokenizer, sft_adapter: Path | str):
 
     sft_adapter = Path(sft_adapter)
     adapters.check_supported(peft_cfg, stage="ppo", init_from=sft_adapter)
-    if adapters.saves_full_model(peft_cfg):
-        raise AlignError(f"peft={peft_cfg.method} cannot run the ppo stage: ppo keeps the policy, its reference and "
-                         f"the reward model as adapters on one frozen base plus a value head; run sft, rm and ppo with "
-                         f"peft=lora, qlora or dora, or use dpo or kto with peft={peft_cfg.method}")
+    check_adapter_method(peft_cfg, "ppo")
     if not (sft_adapter / "adapter_config.json").exists():
         raise AlignError(f"ppo trains a LoRA-family adapter on a frozen base: {sft_adapter} is not a PEFT adapter "
                          f"folder; run sft with peft=lora, qlora or dora (peft=full is not supported by ppo)")

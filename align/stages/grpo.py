@@ -24,11 +24,7 @@ LOG_KEYS = ("reward", "reward_std", "kl", "entropy", "completions/mean_length", 
 
 def parents(cfg) -> tuple:
     """The SFT adapter and the rm adapter grpo starts from, or the one-line refusal, before any model loads."""
-    if adapters.saves_full_model(cfg.peft):
-        raise AlignError(f"peft={cfg.peft.method} cannot run the grpo stage: align's grpo scores completions with the "
-                         f"rm adapter on the policy's own base and compares the sft and grpo policies as adapters of "
-                         f"one model; run sft, rm and grpo with peft=lora, qlora or dora, or use dpo or kto with "
-                         f"peft={cfg.peft.method}")
+    policy.check_adapter_method(cfg.peft, "grpo")
     sft_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg.run, ("sft",), cfg.stage.init_from, needed_by="grpo"),
                                                cfg.model.name_or_path))
     rm_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg.run, ("rm",), None, needed_by="grpo"),

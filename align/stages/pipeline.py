@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from align import AlignError, checks, runs
+from align.rl import policy
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,8 @@ def chain(cfg) -> list[str]:
         return list(cfg.pipeline.stages)
     if cfg.pipeline.policy not in POLICIES:
         raise AlignError(f"pipeline.policy: expected one of {', '.join(POLICIES)}, got {cfg.pipeline.policy!r}")
+    if cfg.pipeline.policy in ("ppo", "grpo"):  # refused before sft and rm spend their time
+        policy.check_adapter_method(cfg.peft, cfg.pipeline.policy)
     return ["data", "sft", "rm", cfg.pipeline.policy, "safety_eval"]
 
 

@@ -79,6 +79,7 @@ def run(cfg) -> dict:
 def check_before_loading(cfg) -> list:
     """The ppo.* options and ppo.select_prompts' rows (returned), before minutes of loading, not after."""
     ppo.check_options(cfg.ppo)
+    policy.check_adapter_method(cfg.peft, "ppo")
     select_rows = sources.load_scope_files(cfg.ppo.select_prompts, cfg.data.on_bad_rows, "ppo.select_prompts")
     if select_rows and scope_metrics.compute_metrics([{**r, "verdict": "answered"} for r in select_rows]
                                                      )[cfg.ppo.select_metric] is None:
