@@ -293,6 +293,16 @@ def relocate(obj, src: Path, dst: Path):
     return obj
 
 
+def peak_gpu_memory() -> dict:
+    """This process's peak CUDA memory (what torch allocated), for metrics.json; nothing without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"gpu/peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+            "gpu/name": torch.cuda.get_device_name()}
+
+
 def finish(out: Path, cfg, stage: str, metrics: dict, parents: dict | None = None,
            data_fingerprint: str | None = None, started: float | None = None, extra: dict | None = None) -> None:
     """Write config.yaml, metrics.json and, last, manifest.json; then swap an overwrite in and release the lock."""
@@ -301,6 +311,7 @@ def finish(out: Path, cfg, stage: str, metrics: dict, parents: dict | None = Non
     if staged:
         metrics, extra = relocate(metrics, out, final), relocate(extra, out, final)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config_dict(cfg))))
+    metrics = {**metrics, **peak_gpu_memory()}
     write_json(out / "metrics.json", metrics)
     manifest = {
         "stage": stage,

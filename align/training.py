@@ -151,6 +151,9 @@ def train(trainer, run, out: Path) -> dict:
     if losses:
         metrics["train/first_loss"], metrics["train/last_loss"] = losses[0], losses[-1]
     metrics["train/global_step"] = trainer.state.global_step
+    tokens = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]  # TRL's running count
+    if tokens and metrics.get("train/train_runtime"):
+        metrics["train/tokens_per_second"] = tokens[-1] / metrics["train/train_runtime"]
     return metrics
 
 

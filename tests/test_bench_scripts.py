@@ -1,6 +1,7 @@
 """Smoke runs of the benchmark scripts on the tiny model: they run, write their raw JSON and print their table."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -22,3 +23,25 @@ def test_stage_memory_benchmark_writes_json_and_table(tmp_path):
     assert lora["max_rss_mb"] > 100 and full["max_rss_mb"] > 100
     row = [line for line in res.stdout.splitlines() if line.startswith("| sft |")]
     assert row and len(row[0].split("|")) == 8
+
+
+def test_gpu_check_dry_run_prints_the_pipeline_ddp_and_report_commands():
+    res = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "RUN_NAME": "chk", "GPUS": "4"})
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].endswith("-m align run.name=chk tracking=none model.dtype=bfloat16")
+    assert "--config_file conf/accelerate/ddp.yaml --num_processes 4" in lines[1] and "stage=sft" in lines[1]
+    assert lines[2].endswith("scripts/gpu_report.py outputs/chk outputs/chk-ddp") and len(lines) == 3
+
+
+def test_gpu_report_reads_a_finished_run(finished_sft):
+    res = subprocess.run([sys.executable, "scripts/gpu_report.py", str(finished_sft / "base")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    row = next(line for line in res.stdout.splitlines() if line.startswith("| base | sft |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "1" and float(cells[3]) > 0 and cells[4] != "-" and cells[6] == "cpu"  # tokens/s counted
+    bad = subprocess.run([sys.executable, "scripts/gpu_report.py", str(finished_sft / "nope")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "holds no finished stage" in bad.stderr
