@@ -138,8 +138,23 @@ def fit(trainer, cfg, stage: str, out: Path, n_train: int, n_eval: int) -> dict:
     """What every TRL-trained stage does between building its trainer and evaluating: count the rows the trainer
     kept, keep QLoRA's trainables in the compute dtype, train (resuming if asked); the train metrics."""
     kept = count_kept(trainer, cfg.trainer.max_length, stage, n_train, n_eval)
+    warn_if_unsharded(trainer, stage)
     restore_trainable_dtype(trainer, cfg.model, cfg.peft)
     return {**train(trainer, cfg.run, out), **kept}
+
+
+def warn_if_unsharded(trainer, stage: str) -> None:
+    """`accelerate launch` with conf/accelerate/fsdp.yaml on CPU processes: accelerate (1.16) attaches its FSDP plugin
+    only to GPU-type process groups, so the run trains data-parallel with the whole model in every process. Correct,
+    but not what was asked: say so once."""
+    import os
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    got = str(trainer.accelerator.distributed_type)
+    if asked and not got.endswith("FSDP") and trainer.is_world_process_zero():
+        log.warning("%s: FSDP was asked (ACCELERATE_USE_FSDP=true) but accelerate runs %s here: it shards only on "
+                    "GPUs, so each of the %d processes holds the whole model and trains data-parallel", stage,
+                    got.split(".")[-1], trainer.accelerator.num_processes)
 
 
 def train(trainer, run, out: Path) -> dict:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import PREF, ROOT, TINY
@@ -29,11 +30,14 @@ def env() -> dict:
     return {"DS_ACCELERATOR": "cpu", **os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
 
 
-def probe(out: Path, *overrides: str, launcher: list[str] | None = None) -> list[dict]:
-    """Run the probe (in this interpreter, or under `launcher`) and return each rank's record, rank order."""
+def probe(out: Path, *overrides: str, launcher: list[str] | None = None, log: list | None = None) -> list[dict]:
+    """Run the probe (in this interpreter, or under `launcher`) and return each rank's record, rank order; the
+    run's stderr is appended to `log` where given."""
     cmd = [*(launcher or [sys.executable]), PROBE, str(out), *overrides]
     res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+    if log is not None:
+        log.append(res.stderr)
     return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
 
 
@@ -82,10 +86,15 @@ def single_sft(tmp_path_factory) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "ddp.yaml", "fsdp.yaml"])
 def test_sft_two_processes_match_one(tmp_path, single_sft, launcher):
-    cmd = TORCHRUN if launcher == "torchrun" else accelerate(launcher)
+    cmd, log = TORCHRUN if launcher == "torchrun" else accelerate(launcher), []
     ranks = probe(tmp_path / "probe", *SFT, f"run.output_dir={tmp_path}", "run.name=two",
-                  "trainer.per_device_train_batch_size=2", launcher=cmd)
-    assert_same_training(ranks, single_sft, "FSDP" if launcher == "fsdp.yaml" else "MULTI_CPU")
+                  "trainer.per_device_train_batch_size=2", launcher=cmd, log=log)
+    # accelerate attaches its FSDP plugin only to GPU process groups: on CPU processes fsdp.yaml trains
+    # data-parallel, and the stage says so rather than pass it off as sharded
+    sharded = launcher == "fsdp.yaml" and torch.cuda.is_available()
+    assert_same_training(ranks, single_sft, "FSDP" if sharded else "MULTI_CPU")
+    if launcher == "fsdp.yaml" and not sharded:
+        assert "FSDP was asked (ACCELERATE_USE_FSDP=true) but accelerate runs MULTI_CPU here" in log[0]
     manifest = json.loads((tmp_path / "two" / "sft" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and (tmp_path / "two" / "sft" / "adapter" / "adapter_model.safetensors").exists()
 
