@@ -31,8 +31,8 @@ model: setup
 run: model
 	$(BIN)/python -m align run.name=main tracking.mode=offline
 
-# every test, on TEST_WORKERS pytest-xdist workers of one torch thread each (tests/conftest.py): under 5 minutes on
-# the 2-core machine; `make test TEST_WORKERS=0` runs them in this one process
+# every test, on TEST_WORKERS pytest-xdist workers of one torch thread each (tests/conftest.py; 7 min 50 s on the
+# 2-core machine, README "Development"); `make test TEST_WORKERS=0` runs them in this one process
 TEST_WORKERS ?= 2
 test: model
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
