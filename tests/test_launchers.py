@@ -101,8 +101,9 @@ def test_sft_two_processes_match_one(tmp_path, single_sft, launcher):
 
 @pytest.mark.slow
 def test_dpo_under_accelerate_matches_one_process(tax_sft, tmp_path):
-    """From the session's tax SFT run: on-policy negatives written by each rank, the reference log-probs computed
-    before training (TRL caches them in a file the ranks must share), two DPO steps."""
+    """From the session's tax SFT run: on-policy negatives written by each rank, two DPO steps. One process
+    precomputes the reference log-probs; two compute them at every step (preference.precompute_ref: TRL's cache of
+    them is per process), and the losses must still agree."""
     shutil.copytree(tax_sft / "p", tmp_path / "p")
     dpo = ["stage=dpo", *PREF, *FP32[:2], "trainer.max_steps=2", f"run.output_dir={tmp_path}", "run.name=p",
            "run.overwrite=true"]
