@@ -45,3 +45,17 @@ def test_gpu_report_reads_a_finished_run(finished_sft):
     bad = subprocess.run([sys.executable, "scripts/gpu_report.py", str(finished_sft / "nope")], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "holds no finished stage" in bad.stderr
+
+
+def test_throughput_benchmark_measures_the_peak_and_sfts_share(tmp_path):
+    out = tmp_path / "throughput.json"
+    res = subprocess.run([sys.executable, "scripts/bench_throughput.py", "--model", "tiny", "--steps", "2",
+                          "--out-json", str(out), "data=instructions", "scope=none", "trainer.max_length=64"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads(out.read_text())
+    peaks, sft = record["matmul_peak_gflops"], record["sft"]
+    assert peaks["float32"] > 0 and peaks["bfloat16"] > 0 and sft["tokens_per_second"] > 0
+    assert sft["flops_per_token"] == 4 * sft["total_params"]  # LoRA: forward and input-gradient passes
+    assert record["share_of_peak"]["float32"] == sft["gflops"] / peaks["float32"]
+    assert "| matmul peak, float32 |" in res.stdout
