@@ -50,6 +50,20 @@ def native_cpu_bf16(cpuinfo: str | None = None) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(cpuinfo.split()))
 
 
+def cpu_description() -> str:
+    """The CPU model and the flags that set CPU speed here (bf16 autocast needs AVX512-BF16 or AMX), for benchmarks."""
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1] for line in info.splitlines() if line.startswith("flags")), "").split())
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(shown) or 'no AVX2'})"
+
+
 def cpu_autocast(model_cfg, peft_cfg) -> bool:
     """model.cpu_bf16: run CPU matmuls in bf16 under autocast (weights stay fp32). auto = on CPUs with native
     bf16, off for QLoRA (bitsandbytes' CPU kernels) and wherever CUDA is used (model.dtype governs there)."""

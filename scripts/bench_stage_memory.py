@@ -10,7 +10,6 @@ as the pipeline does. Writes the raw results (JSON) and prints a markdown table:
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -78,18 +77,6 @@ def table(results: dict, stages: list[str]) -> str:
     return "\n".join(rows)
 
 
-def cpu() -> str:
-    """The CPU model and the flags that change CPU speed here (bf16 autocast needs AVX512-BF16 or AMX)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1] for line in info.splitlines() if line.startswith("flags")), "").split())
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name} ({', '.join(shown) or 'no AVX2'})"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2_135m", help="conf/model name (tiny for smoke runs)")
@@ -104,6 +91,8 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return child(args.overrides)
+    from align import models
+
     results = {}
     with tempfile.TemporaryDirectory(prefix="align-stage-memory-") as out:
         for method in METHODS:
@@ -115,7 +104,7 @@ def main() -> None:
                       else f"failed: {r['error']}"), file=sys.stderr, flush=True)
     if not any(r["ok"] for by_stage in results.values() for r in by_stage.values()):
         sys.exit("every run failed; nothing written")
-    record = {"date": datetime.now().isoformat(timespec="seconds"), "cpu": cpu(),
+    record = {"date": datetime.now().isoformat(timespec="seconds"), "cpu": models.cpu_description(),
               "command": " ".join(["python", "scripts/bench_stage_memory.py", *sys.argv[1:]]),
               "settings": vars(args) | {"out_json": str(args.out_json)}, "results": results}
     args.out_json.parent.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_stage_memory import cpu  # noqa: E402  (the CPU model and flags, one helper for the bench scripts)
+from align.models import cpu_description
 
 
 def matmul_peak(dtype: torch.dtype, sizes=(512, 1024, 2048), repeats: int = 5) -> float:
@@ -52,7 +51,8 @@ def sft_rate(args) -> dict:
     per_token = (6 if full else 4) * m["total_params"]
     return {"tokens_per_second": m["train/tokens_per_second"], "total_params": m["total_params"],
             "trainable_params": m["trainable_params"], "flops_per_token": per_token,
-            "gflops": m["train/tokens_per_second"] * per_token / 1e9, "s_per_step": m["train/train_runtime"] / args.steps}
+            "gflops": m["train/tokens_per_second"] * per_token / 1e9,
+            "s_per_step": m["train/train_runtime"] / args.steps}
 
 
 def main() -> None:
@@ -65,7 +65,8 @@ def main() -> None:
     args = p.parse_args()
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     sft = sft_rate(args)
-    record = {"date": datetime.now().isoformat(timespec="seconds"), "cpu": cpu(), "threads": torch.get_num_threads(),
+    record = {"date": datetime.now().isoformat(timespec="seconds"), "cpu": cpu_description(),
+              "threads": torch.get_num_threads(),
               "command": " ".join(["python", "scripts/bench_throughput.py", *sys.argv[1:]]),
               "matmul_peak_gflops": peaks, "sft": sft,
               "share_of_peak": {k: sft["gflops"] / v for k, v in peaks.items()}}

@@ -22,7 +22,8 @@ def rows(run: Path) -> list[str]:
         manifest_path = run / stage / "manifest.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
         out.append(f"| {run.name} | {stage} | {manifest.get('world_size', 1)} | {m.get('seconds', '-')} | "
-                   f"{f'{tps:,.0f}' if tps else '-'} | {m.get('gpu/peak_memory_mb', '-')} | {m.get('gpu/name', 'cpu')} |")
+                   f"{f'{tps:,.0f}' if tps else '-'} | {m.get('gpu/peak_memory_mb', '-')} | "
+                   f"{m.get('gpu/name', 'cpu')} |")
     return out
 
 

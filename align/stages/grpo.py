@@ -25,8 +25,8 @@ LOG_KEYS = ("reward", "reward_std", "kl", "entropy", "completions/mean_length", 
 def parents(cfg) -> tuple:
     """The SFT adapter and the rm adapter grpo starts from, or the one-line refusal, before any model loads."""
     policy.check_adapter_method(cfg.peft, "grpo")
-    sft_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg.run, ("sft",), cfg.stage.init_from, needed_by="grpo"),
-                                               cfg.model.name_or_path))
+    sft_parent = runs.find_parent(cfg.run, ("sft",), cfg.stage.init_from, needed_by="grpo")
+    sft_dir = runs.adapter_of(policy.same_base(sft_parent, cfg.model.name_or_path))
     rm_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg.run, ("rm",), None, needed_by="grpo"),
                                               cfg.model.name_or_path))
     if not (sft_dir / "adapter_config.json").exists():

@@ -92,8 +92,8 @@ def prepare(cfg, select_rows: list) -> Setup:
     """The accelerator, the sft and rm parents, the tokenizer, the prompt rows, the rule reward, the stage folder."""
     accelerator = accelerator_for(cfg)
     main = accelerator.is_main_process
-    sft_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg.run, ("sft",), cfg.stage.init_from, needed_by="ppo"),
-                                               cfg.model.name_or_path))
+    sft_parent = runs.find_parent(cfg.run, ("sft",), cfg.stage.init_from, needed_by="ppo")
+    sft_dir = runs.adapter_of(policy.same_base(sft_parent, cfg.model.name_or_path))
     rm_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg.run, ("rm",), None, needed_by="ppo"),
                                               cfg.model.name_or_path))
     tokenizer = models.load_tokenizer(cfg.model)
