@@ -125,14 +125,15 @@ def test_sft_under_deepspeed_on_the_cpu_matches_one_process(tmp_path, single_sft
 
 
 @pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_ppo_refuses_a_sharded_launch_in_one_line(tmp_path, monkeypatch, var):
-    """What `accelerate launch` with fsdp.yaml or a deepspeed config sets (checked by hand: README, #29's note)."""
-    from conftest import compose
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_ppo_and_grpo_refuse_a_sharded_launch_in_one_line(tmp_path, monkeypatch, var, stage):
+    """What `accelerate launch` with fsdp.yaml or a deepspeed config sets (ppo checked by hand under fsdp.yaml:
+    README, #29's note); the refusal comes before any parent stage is looked for."""
+    from conftest import run_stage
 
     from align import AlignError
-    from align.stages.ppo import accelerator_for
 
     monkeypatch.setenv(var, "true")
-    with pytest.raises(AlignError, match=f"ppo does not run under .* \\(launched with {var}=true\\).*ddp.yaml") as e:
-        accelerator_for(compose(tmp_path, "stage=ppo", *TINY))
+    with pytest.raises(AlignError, match=f"{stage} does not run under .* \\(launched with {var}=true\\).*ddp.yaml") as e:
+        run_stage(tmp_path, f"stage={stage}", *TINY)
     assert "\n" not in str(e.value)

@@ -13,7 +13,7 @@ import time
 
 from datasets import Dataset
 
-from align import AlignError, adapters, models, runs, tracking, training
+from align import AlignError, adapters, distributed, models, runs, tracking, training
 from align.data import recipes
 from align.rl import policy, reward, rollout
 
@@ -25,6 +25,7 @@ LOG_KEYS = ("reward", "reward_std", "kl", "entropy", "completions/mean_length", 
 def parents(cfg) -> tuple:
     """The SFT adapter and the rm adapter grpo starts from, or the one-line refusal, before any model loads."""
     policy.check_adapter_method(cfg.peft, "grpo")
+    distributed.refuse_sharded_launch("grpo")  # its reward scores with the rm adapter on the policy's own base
     sft_parent = runs.find_parent(cfg.run, ("sft",), cfg.stage.init_from, needed_by="grpo")
     sft_dir = runs.adapter_of(policy.same_base(sft_parent, cfg.model.name_or_path))
     rm_dir = runs.adapter_of(policy.same_base(runs.find_parent(cfg.run, ("rm",), None, needed_by="grpo"),

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from align import AlignError, adapters, models, runs, tracking
+from align import AlignError, adapters, distributed, models, runs, tracking
 from align.data import recipes, sources
 from align.data.scope import refusal_openers as scope_openers
 from align.evaluation import judges, metrics as scope_metrics
@@ -262,24 +262,14 @@ def save_outputs(cfg, setup: Setup, loaded: Loaded, results: dict, metrics: dict
 # ----------------------------------------------------------------------------------------------
 
 
-# what `accelerate launch --config_file conf/accelerate/<x>.yaml` sets for the sharding backends
-SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
-
-
 def accelerator_for(cfg):
     """Create the Accelerator first: on CPU under torchrun it must be told cpu=True to use gloo. Refuse sharded
     launches: the loop generates with the policy between updates and switches adapters on one base, which needs the
     whole base on every process (FSDP and ZeRO-3 would have to gather it for every generated token)."""
-    import os
-
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    for var, backend in SHARDED_LAUNCHES.items():
-        if os.environ.get(var, "false").lower() == "true":
-            raise AlignError(f"ppo does not run under {backend} (launched with {var}=true): it generates with the "
-                             "policy inside its loop; launch it with conf/accelerate/ddp.yaml or torchrun (only the "
-                             "LoRA adapters and the value head train, so every process holds the frozen base)")
+    distributed.refuse_sharded_launch("ppo")
 
     precision = "bf16" if models.cpu_autocast(cfg.model, cfg.peft) else "no"
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
