@@ -188,7 +188,7 @@ PpoStageOverrides = stage_overrides("PpoStageOverrides", {
 
 @dataclass
 class PipelineConfig:
-    policy: str = opt("dpo", "preference stage after sft+rm: dpo or ppo")
+    policy: str = opt("dpo", "preference stage after sft+rm: dpo, ppo or grpo")
     force: Any = opt(False, "redo finished stages: true, false, or a list of stage names")
     stages: Optional[List[str]] = opt(None, "explicit stage list (null = data, sft, rm, <policy>, safety_eval)")
     overrides: StageOverrides = section(StageOverrides, "per-stage overrides on top of the shared ones, e.g. "
