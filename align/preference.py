@@ -86,18 +86,19 @@ def precompute_ref(cfg, stage: str) -> bool:
     return asked and processes == 1
 
 
-def load_policy(cfg, stage: str, sft_dir: Path, tokenizer):
+def load_policy(cfg, stage: str, sft_dir: Path, tokenizer, precomputed: bool):
     """(the trainable policy, the reference model TRL gets). With an adapter method: the SFT adapter trainable on
     the base, reference None (TRL copies the adapter as "ref"). With a full-model method: the SFT model; reference
-    None when TRL precomputes the reference log-probs from the model before its first step, else a frozen copy
-    (TRL would load one from the config's name_or_path, which is the bare base when the SFT adapter was merged)."""
+    None when TRL precomputes the reference log-probs from the model before its first step (`precomputed`, from
+    precompute_ref), else a frozen copy (TRL would load one from the config's name_or_path, which is the bare base
+    when the SFT adapter was merged)."""
     if not adapters.saves_full_model(cfg.peft):
         model = models.load_model(cfg.model, cfg.peft, "causal", tokenizer)
         return adapters.attach(model, cfg.peft, "CAUSAL_LM", init_from=str(sft_dir)), None
     adapters.check_supported(cfg.peft, stage=stage)  # e.g. a 4-bit base cannot train in full: say so before loading
     model = adapters.attach(adapters.merged_model(cfg.model, cfg.peft, tokenizer, sft_dir), cfg.peft, "CAUSAL_LM")
     log.info("%s: peft=%s trains the sft model %s itself", stage, cfg.peft.method, sft_dir)
-    if precompute_ref(cfg, stage):
+    if precomputed:
         return model, None
     return model, copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -110,14 +111,15 @@ def train_from_sft(cfg, stage: str, config_cls, trainer_cls, to_rows=lambda rows
     sft_dir = sft_output(cfg, stage)
     out = runs.prepare(cfg.run, stage, main_process=main)
     tokenizer = models.load_tokenizer(cfg.model)
-    model, ref_model = load_policy(cfg, stage, sft_dir, tokenizer)
+    precomputed = precompute_ref(cfg, stage)  # decided (and warned about) once
+    model, ref_model = load_policy(cfg, stage, sft_dir, tokenizer, precomputed)
     train_rows, eval_rows, available, on_policy = preference_rows(cfg, stage, model, tokenizer, to_rows)
 
     tracker = tracking.start(cfg, stage, main)
     args = training.trainer_args(
         cfg, out, tracker, config_cls, has_eval=bool(eval_rows),
         beta=getattr(cfg, stage).beta,
-        precompute_ref_log_probs=precompute_ref(cfg, stage),
+        precompute_ref_log_probs=precomputed,
         max_length=cfg.trainer.max_length,
         **stage_kwargs,
     )
