@@ -16,7 +16,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from align import AlignError, adapters, models, negatives, runs, tracking, training
+from align import AlignError, adapters, models, negatives, runs, shared_prefix, tracking, training
 from align.data import recipes
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,8 @@ def train_from_sft(cfg, stage: str, config_cls, trainer_cls, to_rows=lambda rows
     model, ref_model = load_policy(cfg, stage, sft_dir, tokenizer, precomputed)
     train_rows, eval_rows, available, on_policy = preference_rows(cfg, stage, model, tokenizer, to_rows)
 
+    if cfg.trainer.shared_prefix and hasattr(model, "peft_config"):
+        shared_prefix.enable(model, stage)  # before the trainer: its constructor precomputes the reference log-probs
     tracker = tracking.start(cfg, stage, main)
     args = training.trainer_args(
         cfg, out, tracker, config_cls, has_eval=bool(eval_rows),

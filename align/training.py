@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from align import AlignError, adapters, models, runs
+from align import AlignError, adapters, models, runs, shared_prefix
 from align.distributed import distributed_state, is_main_process  # noqa: F401 (stages call training.*)
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,16 @@ def fit(trainer, cfg, stage: str, out: Path, n_train: int, n_eval: int) -> dict:
     kept = count_kept(trainer, cfg.trainer.max_length, stage, n_train, n_eval)
     warn_if_unsharded(trainer, stage)
     restore_trainable_dtype(trainer, cfg.model, cfg.peft)
-    return {**train(trainer, cfg.run, out), **kept}
+    if cfg.trainer.shared_prefix:
+        share_prefixes(trainer, stage)
+    return {**train(trainer, cfg.run, out), **kept, **shared_prefix.metrics(trainer.model)}
+
+
+def share_prefixes(trainer, stage: str) -> None:
+    """Shared-prefix forwards for the trained model and a separate reference model (TRL's fused-head calls)."""
+    for model in (trainer.model, getattr(trainer, "ref_model", None)):
+        if model is not None:
+            shared_prefix.enable(model, stage)
 
 
 def warn_if_unsharded(trainer, stage: str) -> None:

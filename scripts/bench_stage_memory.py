@@ -45,7 +45,9 @@ def child(cfg_overrides: list[str]) -> None:
         m = run_stage(compose(*cfg_overrides))
         res.update(ok=True, s_per_step=m["train/train_runtime"] / max(m["train/global_step"], 1),
                    trainable_params=m.get("trainable_params"), total_params=m.get("total_params"),
-                   first_loss=m.get("train/first_loss"), last_loss=m.get("train/last_loss"))
+                   first_loss=m.get("train/first_loss"), last_loss=m.get("train/last_loss"),
+                   tokens_per_second=m.get("train/tokens_per_second"),
+                   shared_prefix_token_ratio=m.get("train/shared_prefix_token_ratio"))
     except Exception as exc:  # one cell of the table, not the end of the benchmark
         res["error"] = _one_line(exc)
     res["seconds"] = round(time.time() - started, 1)
@@ -54,7 +56,12 @@ def child(cfg_overrides: list[str]) -> None:
 
 
 def run_one(args, method: str, stage: str, out: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--", *overrides(args, method, stage, out)]
+    return run_child(__file__, overrides(args, method, stage, out))
+
+
+def run_child(script: str, cfg_overrides: list[str]) -> dict:
+    """`script --child -- <overrides>` in a fresh process (whose main calls child()); its result line as a dict."""
+    cmd = [sys.executable, script, "--child", "--", *cfg_overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
     if not lines:

@@ -1,0 +1,83 @@
+"""Step time and peak memory of sft and dpo on the main job's rows, with trainer.shared_prefix on and off.
+
+The main job's own settings (conf/stage/sft.yaml, dpo.yaml: batch 8 and 4, max_length 80, its data=tax_scoped build)
+for a few steps each; every stage in its own child process (its peak RSS is its own), dpo from the sft of the same
+setting. Rejected sides from templates (data.rejected_source=template), so no generation runs: training alone.
+Writes the raw results (JSON) and prints a markdown table:
+
+    python scripts/bench_shared_prefix.py                     # the embedded SmolLM2-135M, 8 steps per stage
+    python scripts/bench_shared_prefix.py --model tiny --steps 1 --stages sft --data instructions   # smoke test
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+from bench_stage_memory import child, run_child
+
+SETTINGS = {"off": "false", "on": "true"}
+
+
+def overrides(args, setting: str, stage: str, out: str) -> list[str]:
+    return [f"stage={stage}", f"model={args.model}", f"data={args.data}", "tracking=none", f"run.output_dir={out}",
+            f"run.name={setting}",
+            f"trainer.shared_prefix={SETTINGS[setting]}", f"trainer.max_steps={args.steps}",
+            "trainer.save_steps=100000", "+trainer.extra.save_strategy=no", "data.rejected_source=template",
+            "trainer.per_device_eval_batch_size=32", "data.max_rows=400"]
+
+
+def table(results: dict) -> str:
+    rows = ["| stage | s/step off | s/step on | on / off | tokens computed (on) | peak RSS off (MB) "
+            "| peak RSS on (MB) |",
+            "|---|---|---|---|---|---|---|"]
+    for stage, by_setting in results.items():
+        off, on = by_setting["off"], by_setting["on"]
+        if not (off["ok"] and on["ok"]):
+            rows.append(f"| {stage} | failed: {off.get('error') or on.get('error')} | | | | | |")
+            continue
+        rows.append(f"| {stage} | {off['s_per_step']:.2f} | {on['s_per_step']:.2f} | "
+                    f"{on['s_per_step'] / off['s_per_step']:.2f} | {on['shared_prefix_token_ratio']:.2f} | "
+                    f"{off['max_rss_mb']:,.0f} | {on['max_rss_mb']:,.0f} |")
+    if all(results.get(s, {}).get(k, {}).get("ok") for s in ("sft", "dpo") for k in SETTINGS):
+        for k in SETTINGS:
+            rows.append(f"\ndpo / sft peak RSS with shared_prefix {k}: "
+                        f"{results['dpo'][k]['max_rss_mb'] / results['sft'][k]['max_rss_mb']:.2f}")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2_135m", help="conf/model name (tiny for smoke runs)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--data", default="tax_scoped", help="the recipe (the main job's by default)")
+    p.add_argument("--stages", default="sft,dpo", help="sft, or sft,dpo (dpo starts from the sft)")
+    p.add_argument("--out-json", type=Path, default=Path("docs/bench/shared_prefix.json"))
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args.overrides)
+    from align import models
+
+    results = {stage: {} for stage in args.stages.split(",")}
+    with tempfile.TemporaryDirectory(prefix="align-shared-prefix-") as out:
+        for setting in SETTINGS:  # sft first: dpo starts from it
+            for stage in results:
+                r = results[stage][setting] = run_child(__file__, overrides(args, setting, stage, out))
+                print(f"shared_prefix={setting} {stage}: " + (f"{r['s_per_step']:.2f} s/step, {r['max_rss_mb']:,.0f} MB"
+                      if r["ok"] else f"failed: {r['error']}"), file=sys.stderr, flush=True)
+    if not any(r["ok"] for by_setting in results.values() for r in by_setting.values()):
+        sys.exit("every run failed; nothing written")
+    record = {"date": datetime.now().isoformat(timespec="seconds"), "cpu": models.cpu_description(),
+              "command": " ".join(["python", "scripts/bench_shared_prefix.py", *sys.argv[1:]]),
+              "settings": vars(args) | {"out_json": str(args.out_json)}, "results": results}
+    args.out_json.parent.mkdir(parents=True, exist_ok=True)
+    args.out_json.write_text(json.dumps(record, indent=2) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
