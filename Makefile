@@ -37,5 +37,10 @@ TEST_WORKERS ?= 2
 test: model
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
+# every benchmark script, alone, one after the other (hours on 2 CPU cores), then the tables at the top of
+# docs/benchmarks.md from their JSON under docs/bench/ (scripts/bench_all.py --help: --only, --render-only)
+bench: model
+	$(BIN)/python scripts/bench_all.py
+
 clean:
 	rm -rf $(VENV) outputs build dist *.egg-info

@@ -1,14 +1,17 @@
 """Batched generation (left padding) vs one prompt at a time, on the same prompts, model and machine.
 
     python scripts/bench_eval.py                    # embedded SmolLM2-135M, 32 held-out prompts, 32 new tokens
-    python scripts/bench_eval.py --model tiny --prompts 16
+    python scripts/bench_eval.py --model tiny --prompts 4 --out-json /tmp/eval.json   # smoke run (tests)
 
 Prints tokens/s for each and the speed-up (goal, issue #6: >= 4x at batch 16).
 """
 
 import argparse
+from pathlib import Path
 
 import torch
+
+import bench_record
 
 from align import models
 from align.config import compose
@@ -22,6 +25,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--out-json", type=Path, default=Path("docs/bench/eval.json"))
     args = p.parse_args()
     cfg = compose(f"model={args.model}", "run.output_dir=/tmp/align-bench-eval", set_hydra_config=False)
     tokenizer = models.load_tokenizer(cfg.model)
@@ -33,11 +37,13 @@ def main() -> None:
     torch.manual_seed(0)
     _, one = chat_generate(model, tokenizer, convs, args.max_new_tokens, batch_size=1, desc="one at a time")
     _, batched = chat_generate(model, tokenizer, convs, args.max_new_tokens, batch_size=args.batch, desc="batched")
-    print(f"model={args.model} prompts={len(convs)} max_new_tokens={args.max_new_tokens}\n")
-    print("| mode | seconds | generated tokens | tokens/s |\n|---|---|---|---|")
-    for name, s in (("one at a time", one), (f"batched ({args.batch})", batched)):
-        print(f"| {name} | {s['seconds']:.1f} | {s['generated_tokens']} | {s['tokens_per_second']:.1f} |")
-    print(f"\nspeed-up (wall time): {one['seconds'] / batched['seconds']:.2f}x")
+    rows = [f"model={args.model}, {len(convs)} held-out prompts, {args.max_new_tokens} new tokens at most, greedy\n",
+            "| mode | seconds | generated tokens | tokens/s |", "|---|---|---|---|"]
+    rows += [f"| {name} | {s['seconds']:.1f} | {s['generated_tokens']} | {s['tokens_per_second']:.1f} |"
+             for name, s in (("one at a time", one), (f"batched ({args.batch})", batched))]
+    rows.append(f"\nspeed-up (wall time): {one['seconds'] / batched['seconds']:.2f}x")
+    print(bench_record.write(args.out_json, "bench_eval.py", "\n".join(rows), settings=vars(args) | {
+        "out_json": str(args.out_json)}, one_at_a_time=one, batched=batched)["table_md"])
 
 
 if __name__ == "__main__":

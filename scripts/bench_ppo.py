@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_record
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"tiny": "align://tiny-llama", "smollm2": "align://smollm2-135m-instruct"}
 TRL_VERSION = "1.12.0"
@@ -209,6 +211,7 @@ def main() -> None:
     ap.add_argument("--venv", default="/tmp/align-bench-trl112")
     ap.add_argument("--work", default=None, help="folder for the shared adapters and prompts")
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--out-json", type=Path, default=Path("docs/bench/ppo.json"))
     ap.add_argument("--child", choices=["align", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--child-args", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -237,21 +240,19 @@ def main() -> None:
         s = r["seconds"][1:] or r["seconds"]
         return statistics.median(s)
 
-    print(f"\nPPO benchmark: model {a.model}, LoRA r={LORA['r']} all-linear, rollout batch {a.batch}, "
-          f"minibatch {a.mini}, micro-batch {a.micro}, {a.epochs} PPO epochs, {a.max_new_tokens} new tokens, "
-          f"{a.updates} updates, {a.threads} threads, CPU\n")
-    print("| implementation | s / update (median) | peak RSS (MB) | wall (s) |")
-    print("| --- | ---: | ---: | ---: |")
     names = {"align": "align (align/rl/ppo.py)", "trl": f"TRL {TRL_VERSION} (trl.experimental.ppo)"}
-    for k, r in results.items():
-        print(f"| {names[k]} | {per_update(r):.2f} | {r['peak_rss_mb']:.0f} | {r['wall_seconds']:.0f} |")
+    rows = [f"model {a.model}, LoRA r={LORA['r']} all-linear, rollout batch {a.batch}, minibatch {a.mini}, "
+            f"micro-batch {a.micro}, {a.epochs} PPO epochs, {a.max_new_tokens} new tokens, {a.updates} updates, "
+            f"{a.threads} threads\n", "| implementation | s / update (median) | peak RSS (MB) | wall (s) |",
+            "| --- | ---: | ---: | ---: |"]
+    rows += [f"| {names[k]} | {per_update(r):.2f} | {r['peak_rss_mb']:.0f} | {r['wall_seconds']:.0f} |"
+             for k, r in results.items()]
     if "trl" in results:
         t, o = results["trl"], results["align"]
-        print(f"| ratio TRL / align | {per_update(t) / per_update(o):.2f}x "
-              f"| {t['peak_rss_mb'] / o['peak_rss_mb']:.2f}x | {t['wall_seconds'] / o['wall_seconds']:.2f}x |")
-    print(f"\nalign mean response length: {results['align']['response_length']:.1f} tokens")
-    print(json.dumps(results, default=str))
-
+        rows.append(f"| ratio TRL / align | {per_update(t) / per_update(o):.2f}x "
+                    f"| {t['peak_rss_mb'] / o['peak_rss_mb']:.2f}x | {t['wall_seconds'] / o['wall_seconds']:.2f}x |")
+    rows.append(f"\nalign mean response length: {results['align']['response_length']:.1f} tokens")
+    print(bench_record.write(a.out_json, "bench_ppo.py", "\n".join(rows), results=results)["table_md"])
 
 if __name__ == "__main__":
     main()

@@ -10,12 +10,11 @@ Writes the raw results (JSON) and prints a markdown table:
 """
 
 import argparse
-import json
 import sys
 import tempfile
-from datetime import datetime
 from pathlib import Path
 
+import bench_record
 from bench_stage_memory import child, run_child
 
 SETTINGS = {"off": "false", "on": "true"}
@@ -29,18 +28,23 @@ def overrides(args, setting: str, stage: str, out: str) -> list[str]:
             "trainer.per_device_eval_batch_size=32", "data.max_rows=400"]
 
 
+def rate(result: dict) -> str:
+    """Tokens per second (TRL's count of the real tokens trained, over the runtime), where the trainer counts."""
+    return "n/a" if result.get("tokens_per_second") is None else f"{result['tokens_per_second']:,.0f}"
+
+
 def table(results: dict) -> str:
-    rows = ["| stage | s/step off | s/step on | on / off | tokens computed (on) | peak RSS off (MB) "
-            "| peak RSS on (MB) |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| stage | s/step off | s/step on | on / off | tokens computed (on) | tokens/s off | tokens/s on "
+            "| peak RSS off (MB) | peak RSS on (MB) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for stage, by_setting in results.items():
         off, on = by_setting["off"], by_setting["on"]
         if not (off["ok"] and on["ok"]):
-            rows.append(f"| {stage} | failed: {off.get('error') or on.get('error')} | | | | | |")
+            rows.append(f"| {stage} | failed: {off.get('error') or on.get('error')} | | | | | | | |")
             continue
         rows.append(f"| {stage} | {off['s_per_step']:.2f} | {on['s_per_step']:.2f} | "
                     f"{on['s_per_step'] / off['s_per_step']:.2f} | {on['shared_prefix_token_ratio']:.2f} | "
-                    f"{off['max_rss_mb']:,.0f} | {on['max_rss_mb']:,.0f} |")
+                    f"{rate(off)} | {rate(on)} | {off['max_rss_mb']:,.0f} | {on['max_rss_mb']:,.0f} |")
     if all(results.get(s, {}).get(k, {}).get("ok") for s in ("sft", "dpo") for k in SETTINGS):
         for k in SETTINGS:
             rows.append(f"\ndpo / sft peak RSS with shared_prefix {k}: "
@@ -60,8 +64,6 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return child(args.overrides)
-    from align import models
-
     results = {stage: {} for stage in args.stages.split(",")}
     with tempfile.TemporaryDirectory(prefix="align-shared-prefix-") as out:
         for setting in SETTINGS:  # sft first: dpo starts from it
@@ -71,13 +73,8 @@ def main() -> None:
                       if r["ok"] else f"failed: {r['error']}"), file=sys.stderr, flush=True)
     if not any(r["ok"] for by_setting in results.values() for r in by_setting.values()):
         sys.exit("every run failed; nothing written")
-    record = {"date": datetime.now().isoformat(timespec="seconds"), "cpu": models.cpu_description(),
-              "command": " ".join(["python", "scripts/bench_shared_prefix.py", *sys.argv[1:]]),
-              "settings": vars(args) | {"out_json": str(args.out_json)}, "results": results}
-    args.out_json.parent.mkdir(parents=True, exist_ok=True)
-    args.out_json.write_text(json.dumps(record, indent=2) + "\n")
-    print(table(results))
-
+    print(bench_record.write(args.out_json, "bench_shared_prefix.py", table(results),
+                             settings=vars(args) | {"out_json": str(args.out_json)}, results=results)["table_md"])
 
 if __name__ == "__main__":
     main()

@@ -15,8 +15,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
+
+import bench_record
 
 STAGES = ("sft", "rm", "dpo", "kto")
 METHODS = ("lora", "full")
@@ -98,8 +99,6 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return child(args.overrides)
-    from align import models
-
     results = {}
     with tempfile.TemporaryDirectory(prefix="align-stage-memory-") as out:
         for method in METHODS:
@@ -111,13 +110,8 @@ def main() -> None:
                       else f"failed: {r['error']}"), file=sys.stderr, flush=True)
     if not any(r["ok"] for by_stage in results.values() for r in by_stage.values()):
         sys.exit("every run failed; nothing written")
-    record = {"date": datetime.now().isoformat(timespec="seconds"), "cpu": models.cpu_description(),
-              "command": " ".join(["python", "scripts/bench_stage_memory.py", *sys.argv[1:]]),
-              "settings": vars(args) | {"out_json": str(args.out_json)}, "results": results}
-    args.out_json.parent.mkdir(parents=True, exist_ok=True)
-    args.out_json.write_text(json.dumps(record, indent=2) + "\n")
-    print(table(results, args.stages.split(",")))
-
+    print(bench_record.write(args.out_json, "bench_stage_memory.py", table(results, args.stages.split(",")),
+                             settings=vars(args) | {"out_json": str(args.out_json)}, results=results)["table_md"])
 
 if __name__ == "__main__":
     main()

@@ -11,16 +11,13 @@ attention's sequence-length terms out (short rows). Writes the raw JSON and prin
 """
 
 import argparse
-import json
-import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from align.models import cpu_description
+import bench_record
 
 
 def matmul_peak(dtype: torch.dtype, sizes=(512, 1024, 2048), repeats: int = 5) -> float:
@@ -65,19 +62,13 @@ def main() -> None:
     args = p.parse_args()
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     sft = sft_rate(args)
-    record = {"date": datetime.now().isoformat(timespec="seconds"), "cpu": cpu_description(),
-              "threads": torch.get_num_threads(),
-              "command": " ".join(["python", "scripts/bench_throughput.py", *sys.argv[1:]]),
-              "matmul_peak_gflops": peaks, "sft": sft,
-              "share_of_peak": {k: sft["gflops"] / v for k, v in peaks.items()}}
-    args.out_json.parent.mkdir(parents=True, exist_ok=True)
-    args.out_json.write_text(json.dumps(record, indent=2) + "\n")
-    print("| measure | GFLOP/s | SFT's share |\n|---|---|---|")
-    for k, v in peaks.items():
-        print(f"| matmul peak, {k} | {v:,.1f} | {sft['gflops'] / v:.1%} |")
-    print(f"| sft ({args.peft}, {sft['tokens_per_second']:,.0f} tokens/s x {sft['flops_per_token'] / 1e9:.2f} GFLOP) "
-          f"| {sft['gflops']:,.1f} | |")
-
+    share = {k: sft["gflops"] / v for k, v in peaks.items()}
+    rows = ["| measure | GFLOP/s | SFT's share |", "|---|---|---|"]
+    rows += [f"| matmul peak, {k} | {v:,.1f} | {share[k]:.1%} |" for k, v in peaks.items()]
+    rows.append(f"| sft ({args.peft}, {sft['tokens_per_second']:,.0f} tokens/s x {sft['flops_per_token'] / 1e9:.2f} "
+                f"GFLOP) | {sft['gflops']:,.1f} | |")
+    print(bench_record.write(args.out_json, "bench_throughput.py", "\n".join(rows), threads=torch.get_num_threads(),
+                             matmul_peak_gflops=peaks, sft=sft, share_of_peak=share)["table_md"])
 
 if __name__ == "__main__":
     main()
