@@ -6,7 +6,7 @@ setting. Rejected sides from templates (data.rejected_source=template), so no ge
 Writes the raw results (JSON) and prints a markdown table:
 
     python scripts/bench_shared_prefix.py                     # the embedded SmolLM2-135M, 8 steps per stage
-    python scripts/bench_shared_prefix.py --model tiny --steps 1 --stages sft --data instructions   # smoke test
+    python scripts/bench_shared_prefix.py --model tiny --steps 1 --stages sft --settings off,on --data instructions
 """
 
 import argparse
@@ -17,13 +17,18 @@ from pathlib import Path
 import bench_record
 from bench_stage_memory import child, run_child
 
-SETTINGS = {"off": "false", "on": "true"}
+# the settings compared; "grouped" adds length-grouped batches (transformers' LengthGroupedSampler: rows of similar
+# length together, so less padding), which trainer.extra passes through
+SETTINGS = {"off": ["trainer.shared_prefix=false"], "on": ["trainer.shared_prefix=true"],
+            "on+grouped": ["trainer.shared_prefix=true", "+trainer.extra.train_sampling_strategy=group_by_length"]}
+# TRL's DPOTrainer keeps no input_ids column for the sampler to measure: grouped batches are SFT's only
+STAGE_SETTINGS = {"sft": ("off", "on", "on+grouped"), "dpo": ("off", "on")}
 
 
 def overrides(args, setting: str, stage: str, out: str) -> list[str]:
     return [f"stage={stage}", f"model={args.model}", f"data={args.data}", "tracking=none", f"run.output_dir={out}",
             f"run.name={setting}",
-            f"trainer.shared_prefix={SETTINGS[setting]}", f"trainer.max_steps={args.steps}",
+            *SETTINGS[setting], f"trainer.max_steps={args.steps}",
             "trainer.save_steps=100000", "+trainer.extra.save_strategy=no", "data.rejected_source=template",
             "trainer.per_device_eval_batch_size=32", "data.max_rows=400"]
 
@@ -34,21 +39,22 @@ def rate(result: dict) -> str:
 
 
 def table(results: dict) -> str:
-    rows = ["| stage | s/step off | s/step on | on / off | tokens computed (on) | tokens/s off | tokens/s on "
-            "| peak RSS off (MB) | peak RSS on (MB) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| stage | setting | s/step | vs off | tokens computed | tokens/s | peak RSS (MB) |",
+            "|---|---|---|---|---|---|---|"]
     for stage, by_setting in results.items():
-        off, on = by_setting["off"], by_setting["on"]
-        if not (off["ok"] and on["ok"]):
-            rows.append(f"| {stage} | failed: {off.get('error') or on.get('error')} | | | | | | | |")
-            continue
-        rows.append(f"| {stage} | {off['s_per_step']:.2f} | {on['s_per_step']:.2f} | "
-                    f"{on['s_per_step'] / off['s_per_step']:.2f} | {on['shared_prefix_token_ratio']:.2f} | "
-                    f"{rate(off)} | {rate(on)} | {off['max_rss_mb']:,.0f} | {on['max_rss_mb']:,.0f} |")
-    if all(results.get(s, {}).get(k, {}).get("ok") for s in ("sft", "dpo") for k in SETTINGS):
-        for k in SETTINGS:
-            rows.append(f"\ndpo / sft peak RSS with shared_prefix {k}: "
-                        f"{results['dpo'][k]['max_rss_mb'] / results['sft'][k]['max_rss_mb']:.2f}")
+        off = by_setting.get("off", {})
+        for setting, r in by_setting.items():
+            if not r["ok"]:
+                rows.append(f"| {stage} | {setting} | failed: {r.get('error')} | | | | |")
+                continue
+            ratio = f"{r['s_per_step'] / off['s_per_step']:.2f}" if off.get("ok") else "n/a"
+            share = r["shared_prefix_token_ratio"]
+            rows.append(f"| {stage} | {setting} | {r['s_per_step']:.2f} | {ratio} | "
+                        f"{1.0 if share is None else share:.2f} | {rate(r)} | {r['max_rss_mb']:,.0f} |")
+    if all(results.get(s, {}).get(k, {}).get("ok") for s in ("sft", "dpo") for k in ("off", "on")):
+        rows.append("\ndpo / sft peak RSS: " + ", ".join(
+            f"shared_prefix {k} {results['dpo'][k]['max_rss_mb'] / results['sft'][k]['max_rss_mb']:.2f}"
+            for k in ("off", "on")))
     return "\n".join(rows)
 
 
@@ -56,6 +62,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2_135m", help="conf/model name (tiny for smoke runs)")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--settings", default=",".join(SETTINGS), help="comma list of: " + ", ".join(SETTINGS))
     p.add_argument("--data", default="tax_scoped", help="the recipe (the main job's by default)")
     p.add_argument("--stages", default="sft,dpo", help="sft, or sft,dpo (dpo starts from the sft)")
     p.add_argument("--out-json", type=Path, default=Path("docs/bench/shared_prefix.json"))
@@ -66,8 +73,8 @@ def main() -> None:
         return child(args.overrides)
     results = {stage: {} for stage in args.stages.split(",")}
     with tempfile.TemporaryDirectory(prefix="align-shared-prefix-") as out:
-        for setting in SETTINGS:  # sft first: dpo starts from it
-            for stage in results:
+        for setting in args.settings.split(","):  # sft first: dpo starts from it
+            for stage in (stage for stage in results if setting in STAGE_SETTINGS[stage]):
                 r = results[stage][setting] = run_child(__file__, overrides(args, setting, stage, out))
                 print(f"shared_prefix={setting} {stage}: " + (f"{r['s_per_step']:.2f} s/step, {r['max_rss_mb']:,.0f} MB"
                       if r["ok"] else f"failed: {r['error']}"), file=sys.stderr, flush=True)

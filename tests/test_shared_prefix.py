@@ -163,8 +163,8 @@ def test_benchmark_script_writes_json_and_table(tmp_path):
 
     out = tmp_path / "shared_prefix.json"
     res = subprocess.run([sys.executable, "scripts/bench_shared_prefix.py", "--model", "tiny", "--steps", "1",
-                          "--stages", "sft", "--data", "instructions", "--out-json", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+                          "--stages", "sft", "--settings", "off,on", "--data", "instructions", "--out-json",
+                          str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     record = json.loads(out.read_text())
     on, off = record["results"]["sft"]["on"], record["results"]["sft"]["off"]
