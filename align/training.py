@@ -146,10 +146,11 @@ def fit(trainer, cfg, stage: str, out: Path, n_train: int, n_eval: int) -> dict:
 
 
 def share_prefixes(trainer, stage: str) -> None:
-    """Shared-prefix forwards for the trained model and a separate reference model (TRL's fused-head calls)."""
+    """Shared-prefix forwards for the trained model and a separate reference model (TRL's fused-head calls; the
+    reward model's scores in rm)."""
     for model in (trainer.model, getattr(trainer, "ref_model", None)):
         if model is not None:
-            shared_prefix.enable(model, stage)
+            shared_prefix.enable(model, stage, head="score" if stage == "rm" else "causal")
 
 
 def warn_if_unsharded(trainer, stage: str) -> None:

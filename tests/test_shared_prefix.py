@@ -111,6 +111,43 @@ def test_shared_forward_equals_the_unshared_one(model_name):
             torch.testing.assert_close(got_grads[name], grad, rtol=1e-3, atol=1e-4 * grad.abs().max().item())
 
 
+def test_reward_model_scores_equal_the_unshared_ones():
+    """rm: a reward model's batch (chosen rows, then rejected) shares each pair's prompt; its scores and gradients
+    equal the unshared ones, and a row ending in pad-token ids is not shared (the head would score another token)."""
+    from align import adapters, models, shared_prefix
+    from align.config import compose
+
+    cfg = compose("model=tiny", "stage=rm", "model.cpu_bf16=false")
+    tokenizer = models.load_tokenizer(cfg.model)
+    model = adapters.attach(models.load_model(cfg.model, cfg.peft, "score", tokenizer), cfg.peft, "SEQ_CLS").eval()
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    ids, mask, _ = batch(tokenizer, DPO_ROWS)
+
+    def scores_and_grads():
+        model.zero_grad()
+        scores = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        scores.pow(2).sum().backward()
+        return scores, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    unshared = model.forward
+    want, want_grads = scores_and_grads()
+    assert shared_prefix.enable(model, "test", head="score")
+    got, got_grads = scores_and_grads()
+    assert model.forward.shared_prefix_stats["shared_batches"] == 1
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys() and len(want_grads) > 0
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-3, atol=1e-4 * grad.abs().max().item())
+    ended_in_pad = ids.clone()  # SmolLM2's pad token is its <|im_end|>: row 0's reply all pad ids from position 30
+    ended_in_pad[0, 30:int(mask[0].sum())] = tokenizer.pad_token_id
+    assert shared_prefix.score_plan(ended_in_pad, mask, tokenizer.pad_token_id) is None
+    assert shared_prefix.score_plan(ids, mask, tokenizer.pad_token_id) is not None
+    model.forward = unshared
+
+
 def test_calls_it_cannot_share_run_unshared():
     """Packed rows (position ids), pre-shifted labels and a caller's own cache pass through untouched; so does a
     model under gradient checkpointing, which would run each layer's cache update twice."""
@@ -131,7 +168,7 @@ def test_calls_it_cannot_share_run_unshared():
         or "")
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
 def test_stage_trains_the_same_with_and_without_shared_prefixes(stage, tax_sft, tmp_path):
     """Three steps with trainer.shared_prefix on and off, LoRA dropout off: the same losses (and DPO rewards), and
     the metrics say every batch was shared."""
@@ -143,12 +180,13 @@ def test_stage_trains_the_same_with_and_without_shared_prefixes(stage, tax_sft, 
             runs[share] = run_stage(tmp_path / share, *SFT_ARGS, *common)
         else:
             out = copy_run(tax_sft, tmp_path / share)
-            runs[share] = run_stage(out, "stage=dpo", *PREF, "run.name=p", *common)
+            runs[share] = run_stage(out, f"stage={stage}", *PREF, "run.name=p", *common)
     on, off = runs["true"], runs["false"]
     assert on["train/shared_prefix_batches"] == 1.0 and on["train/shared_prefix_token_ratio"] < 0.8
     assert "train/shared_prefix_batches" not in off
-    keys = [k for k in off if k.startswith(("train/first_loss", "train/last_loss", "eval_loss", "train/rewards/"))]
-    assert len(keys) >= (3 if stage == "sft" else 6)
+    keys = [k for k in off if k.startswith(("train/first_loss", "train/last_loss", "eval_loss", "train/rewards/",
+                                            "eval/accuracy", "eval/mean_margin", "eval/loss"))]
+    assert len(keys) >= {"sft": 3, "rm": 4, "dpo": 6}[stage], keys
     for key in keys:
         assert on[key] == pytest.approx(off[key], rel=1e-4, abs=1e-5), key
 

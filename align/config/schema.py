@@ -107,7 +107,7 @@ class TrainerConfig:
     optim: str = opt("adamw_torch", "HF optimizer name: adamw_torch, adamw_bnb_8bit, galore_adamw, lomo, ...")
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
     shared_prefix: bool = opt(True, "compute the tokens a batch's rows share (system prompt, a pair's prompt) once "
-                                    "(sft, dpo, kto; same loss and gradients, align/shared_prefix.py)")
+                                    "(sft, rm, dpo, kto; same loss and gradients, align/shared_prefix.py)")
     max_length: int = opt(512, "longest tokenized sequence (prompt + response)", at_least(1, "tokens per row"))
     packing: bool = opt(False, "pack several short examples into one sequence (SFT)")
     padding_free: bool = opt(False, "padding-free batching (SFT; flattens the batch, needs flash attention on GPU for "
