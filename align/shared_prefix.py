@@ -232,23 +232,29 @@ def enable(model, stage: str, head: str = "causal") -> bool:
     kto, "score" for a reward model's); True when the model's forward is wrapped. Idempotent. With a PEFT model it can be called before the trainer is built (TRL patches the base model's
     forward underneath, and the DPO reference precompute in the trainer's constructor then shares too); with a
     plain model only after (TRL replaces the model's own forward)."""
-    if getattr(model.forward, "shared_prefix_stats", None) is not None:
+    if getattr(model, "_align_shared_prefix_stats", None) is not None:
         return True
     why = unsupported(model)
     if why:
         log.warning("%s: trainer.shared_prefix is on but %s cannot share prefixes; training unshared", stage, why)
         return False
-    wrapped = functools.partial(_wrapped, model.forward, model, head,
-                                dict(batches=0, shared_batches=0, unshared_tokens=0, computed_tokens=0))
-    wrapped.shared_prefix_stats = wrapped.args[3]
-    model.forward = wrapped
+    # the counts live on the model: accelerate wraps the forward again under autocast (bf16), hiding this one
+    stats = model._align_shared_prefix_stats = dict(batches=0, shared_batches=0, unshared_tokens=0, computed_tokens=0)
+    model.forward = functools.partial(_wrapped, model.forward, model, head, stats)
     return True
+
+
+def disable(model) -> None:
+    """Undo `enable`: the model's own forward again (before a trainer wrapped it), and no counts."""
+    if isinstance(model.forward, functools.partial) and model.forward.func is _wrapped:
+        model.forward = model.forward.args[0]
+    model.__dict__.pop("_align_shared_prefix_stats", None)
 
 
 def metrics(model) -> dict:
     """What sharing saved on this model's calls: the share of batches shared and the padded tokens computed
     relative to the unshared batches (1.0 = no saving)."""
-    stats = getattr(model.forward, "shared_prefix_stats", None)
+    stats = getattr(model, "_align_shared_prefix_stats", None)
     if not stats or not stats["batches"]:
         return {}
     return {"train/shared_prefix_batches": stats["shared_batches"] / stats["batches"],
