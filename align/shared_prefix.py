@@ -229,9 +229,10 @@ def unsupported(model) -> str | None:
 
 def enable(model, stage: str, head: str = "causal") -> bool:
     """Wrap `model.forward` so TRL's calls share prefixes (head: "causal" for the fused-head calls of sft, dpo and
-    kto, "score" for a reward model's); True when the model's forward is wrapped. Idempotent. With a PEFT model it can be called before the trainer is built (TRL patches the base model's
-    forward underneath, and the DPO reference precompute in the trainer's constructor then shares too); with a
-    plain model only after (TRL replaces the model's own forward)."""
+    kto, "score" for a reward model's); True when the model's forward is wrapped. Idempotent. With a PEFT model it
+    can be called before the trainer is built (TRL patches the base model's forward underneath, and the DPO
+    reference precompute in the trainer's constructor then shares too); with a plain model only after (TRL
+    replaces the model's own forward)."""
     if getattr(model, "_align_shared_prefix_stats", None) is not None:
         return True
     why = unsupported(model)
