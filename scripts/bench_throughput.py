@@ -4,7 +4,10 @@ Measures, in one process: the best of a few square matmuls per dtype (2 n^3 FLOP
 main job's data and settings for --steps steps, reading its tokens per second (TRL's token count over the trainer's
 runtime). Training FLOPs per token are estimated as 6 x trainable-or-not parameters for full fine-tuning and
 4 x parameters for LoRA (forward 2N, backward through frozen weights 2N; the adapter's own are negligible), leaving
-attention's sequence-length terms out (short rows). Writes the raw JSON and prints a table:
+attention's sequence-length terms out (short rows). With shared prefixes (trainer.shared_prefix, the default) the
+machine computes fewer tokens than it trains, so the rate is an effective one: the unshared computation's FLOPs on
+the tokens trained; the table gives the share of padded tokens actually computed beside it. Writes the raw JSON and
+prints a table:
 
     python scripts/bench_throughput.py                              # embedded model, 20 steps
     python scripts/bench_throughput.py --model tiny --steps 2 --out-json /tmp/t.json   # smoke run (tests)
@@ -49,7 +52,8 @@ def sft_rate(args) -> dict:
     return {"tokens_per_second": m["train/tokens_per_second"], "total_params": m["total_params"],
             "trainable_params": m["trainable_params"], "flops_per_token": per_token,
             "gflops": m["train/tokens_per_second"] * per_token / 1e9,
-            "s_per_step": m["train/train_runtime"] / args.steps}
+            "s_per_step": m["train/train_runtime"] / args.steps,
+            "shared_prefix_token_ratio": m.get("train/shared_prefix_token_ratio")}
 
 
 def main() -> None:
@@ -65,10 +69,14 @@ def main() -> None:
     share = {k: sft["gflops"] / v for k, v in peaks.items()}
     rows = ["| measure | GFLOP/s | SFT's share |", "|---|---|---|"]
     rows += [f"| matmul peak, {k} | {v:,.1f} | {share[k]:.1%} |" for k, v in peaks.items()]
+    computed = sft["shared_prefix_token_ratio"]
     rows.append(f"| sft ({args.peft}, {sft['tokens_per_second']:,.0f} tokens/s x {sft['flops_per_token'] / 1e9:.2f} "
-                f"GFLOP) | {sft['gflops']:,.1f} | |")
+                f"GFLOP; " + ("no shared prefixes" if computed is None else
+                              f"effective: shared prefixes computed {computed:.0%} of the padded tokens")
+                + f") | {sft['gflops']:,.1f} | |")
     print(bench_record.write(args.out_json, "bench_throughput.py", "\n".join(rows), threads=torch.get_num_threads(),
                              matmul_peak_gflops=peaks, sft=sft, share_of_peak=share)["table_md"])
+
 
 if __name__ == "__main__":
     main()
