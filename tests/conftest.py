@@ -32,6 +32,10 @@ FINISHED_SFT = [*SFT_ARGS, "trainer.max_steps=2", "trainer.save_steps=1", "train
 # a tax_assistant SFT run (the `tax_sft` fixture) for the stages that train from it: rm, dpo, kto
 PREF = [*TINY, "data=tax_assistant", "scope=tax_assistant", "trainer.max_length=128", "data.max_rows=8",
         "trainer.per_device_train_batch_size=2", "trainer.per_device_eval_batch_size=16"]
+# the dpo and kto runs that start from it may cut their rows at 80 tokens (the dpo stage's own default): none of
+# PREF's pairs is dropped there, and the vocabulary-wide log-prob work shrinks with the rows (the rm stage's reward
+# rows would lose one eval pair at 80, so rm keeps PREF's 128)
+PAIR_LENGTH = "trainer.max_length=80"
 
 
 def compose(tmp_path: Path, *overrides: str):

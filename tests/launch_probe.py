@@ -1,10 +1,12 @@
-"""Run one align stage under a launcher (torchrun, accelerate launch) and record what each process trained.
+"""Run align stages under a launcher (torchrun, accelerate launch) and record what each process trained.
 
     accelerate launch --config_file conf/accelerate/ddp.yaml --num_processes 2 tests/launch_probe.py OUT stage=sft ...
+    ... tests/launch_probe.py OUT1 stage=sft ... -- OUT2 stage=dpo ...   # several runs, one after another
 
-Writes OUT/rank<RANK>.json: a digest of every trainable weight after training (gathered in full where FSDP shards
-them) and the losses the trainer logged. tests/test_launchers.py compares the ranks with each other and with a
-one-process run; the probe changes nothing in what the stage does.
+Writes OUT/rank<RANK>.json for each run: a digest of every trainable weight after training (gathered in full where
+FSDP shards them) and the losses the trainer logged. Several runs in one launch pay for the launcher and the
+processes' imports once. tests/test_launchers.py compares the ranks with each other and with a one-process run
+(`main` called in the test's own process); the probe changes nothing in what the stages do.
 """
 
 import hashlib
@@ -12,6 +14,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+SEPARATOR = "--"
 
 
 def full_weight(param):
@@ -33,6 +37,8 @@ def weight_digests(model) -> dict:
 
 
 def main(out: str, overrides: list[str]) -> None:
+    """Run one stage (compose(*overrides)) and write this process's record to OUT/rank<RANK>.json; align's
+    training.train is wrapped for the run and restored after it."""
     from align import training
     from align.config import compose
     from align.launch import run_stage
@@ -49,9 +55,25 @@ def main(out: str, overrides: list[str]) -> None:
         return metrics
 
     training.train = train_and_record
-    Path(out).mkdir(parents=True, exist_ok=True)
-    run_stage(compose(*overrides))
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        run_stage(compose(*overrides))
+    finally:
+        training.train = original
+
+
+def runs(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """OUT overrides... [-- OUT overrides...]... as (OUT, overrides) pairs."""
+    groups, current = [], []
+    for arg in [*argv, SEPARATOR]:
+        if arg == SEPARATOR:
+            groups.append((current[0], current[1:]))
+            current = []
+        else:
+            current.append(arg)
+    return groups
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    for folder, stage_overrides in runs(sys.argv[1:]):
+        main(folder, stage_overrides)

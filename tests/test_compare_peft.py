@@ -11,6 +11,9 @@ from conftest import ROOT
 
 SCRIPT = ROOT / "scripts" / "compare_peft.py"
 FAST = ["--model", "tiny", "--steps", "2", "--rows", "16", "--batch", "2", "--max-length", "64", "--threads", "1"]
+# extra overrides reach every child after the script's own: the small instructions recipe, not the script's
+# tax_assistant (whose build each child would pay for; what is compared is the same either way)
+SMALL_DATA = ["data=instructions", "scope=none"]
 
 
 def compare(*args: str) -> subprocess.CompletedProcess:
@@ -28,7 +31,7 @@ def test_compare_writes_table_chart_and_json_and_keeps_going_past_failures(tmp_p
     # a method that is no peft= option fails in its child process, and the table goes on (a method failing inside
     # training, bitfit on the bias-free tiny Llama, is test_peft_methods' case)
     res = compare("--methods", "lora,nonexistent,full", "--lr", "full=1e-4", "--out-md", str(md),
-                  "trainer.logging_steps=1")
+                  "trainer.logging_steps=1", *SMALL_DATA)
     assert res.returncode == 0, res.stderr[-3000:]
     text = md.read_text()
     assert "--methods lora,nonexistent,full" in text  # the command that produced it

@@ -21,8 +21,10 @@ def test_embedded_model_is_a_plain_safetensors_cache():
 
 
 def test_qlora_sft_on_the_embedded_model(tmp_path):
+    """Two QLoRA steps on the 135M model, on the small instructions recipe: what is checked is QLoRA on this model,
+    and the default recipe's build would cost more than the training."""
     m = run_stage(tmp_path, "stage=sft", "model=smollm2_135m", "peft=qlora", "tracking=none", "run.name=t2",
-                  "trainer.max_steps=2", "data.max_rows=2", "trainer.max_length=160",
+                  "data=instructions", "scope=none", "trainer.max_steps=2", "data.max_rows=2", "trainer.max_length=160",
                   "trainer.per_device_train_batch_size=1", "trainer.logging_steps=1")
     assert m["train/global_step"] == 2 and m["trainable_share"] < 0.1
     assert (tmp_path / "t2" / "sft" / "adapter" / "adapter_model.safetensors").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PREF, compose, copy_run, run_stage, shared
+from conftest import PAIR_LENGTH, PREF, compose, copy_run, run_stage, shared
 
 from align import AlignError, training
 
@@ -126,7 +126,7 @@ def test_rm_full_merges_a_lora_sft_adapter(lora_run, at_start):
 def test_preference_stage_trains_the_full_sft_model(full_run, at_start, stage):
     from transformers import AutoModelForCausalLM
 
-    m = run_stage(full_run, f"stage={stage}", *PREF, "run.name=p", "peft=full", *STEPS)
+    m = run_stage(full_run, f"stage={stage}", *PREF, PAIR_LENGTH, "run.name=p", "peft=full", *STEPS)
     assert m["train/global_step"] == 2 and math.isfinite(m["train/first_loss"]) and "train/last_loss" in m
     sft = weight(full_run / "p" / "sft" / "model")
     assert torch.equal(at_start["model"], sft)
@@ -142,8 +142,8 @@ def test_preference_stage_trains_the_full_sft_model(full_run, at_start, stage):
 def test_dpo_full_merges_a_lora_sft_and_keeps_it_as_the_reference(lora_run, at_start):
     """Without precomputed log-probs TRL would load the reference from the config's name (the bare base, after a
     merge); the stage hands it a frozen copy of the merged SFT model instead."""
-    m = run_stage(lora_run, "stage=dpo", *PREF, "run.name=p", "peft=full", *STEPS, "dpo.precompute_ref=false",
-                  "dpo.loss_type=sigmoid")
+    m = run_stage(lora_run, "stage=dpo", *PREF, PAIR_LENGTH, "run.name=p", "peft=full", *STEPS,
+                  "dpo.precompute_ref=false", "dpo.loss_type=sigmoid")
     merged = merged_weight(lora_run / "p" / "sft" / "adapter")
     torch.testing.assert_close(at_start["model"], merged, rtol=0, atol=1e-6)
     torch.testing.assert_close(at_start["ref"], merged, rtol=0, atol=1e-6)

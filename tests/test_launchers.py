@@ -3,7 +3,8 @@
 Each run goes through tests/launch_probe.py, which records every rank's trained weights (a digest per tensor) and
 logged losses. Two processes with a per-device batch of 2 must end with the same weights on both ranks, and log the
 losses of one process with a batch of 4 (the same global batch, the same rows in the same order), in fp32 so the
-only difference is the order of the sums.
+only difference is the order of the sums. The one-process runs go through the probe's `main` in the test's own
+process, and one launch may carry several runs (ddp.yaml's SFT and DPO): each launch costs two processes' imports.
 """
 
 import json
@@ -17,7 +18,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import PREF, ROOT, TINY
+import launch_probe
+from conftest import PAIR_LENGTH, PREF, ROOT, TINY
+from launch_probe import SEPARATOR
 
 PROBE = str(ROOT / "tests" / "launch_probe.py")
 CONFIGS = sorted((ROOT / "conf" / "accelerate").glob("*.yaml"))
@@ -30,15 +33,28 @@ def env() -> dict:
     return {"DS_ACCELERATOR": "cpu", **os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
 
 
-def probe(out: Path, *overrides: str, launcher: list[str] | None = None, log: list | None = None) -> list[dict]:
-    """Run the probe (in this interpreter, or under `launcher`) and return each rank's record, rank order; the
-    run's stderr is appended to `log` where given."""
-    cmd = [*(launcher or [sys.executable]), PROBE, str(out), *overrides]
-    res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+def launch(launcher: list[str], *runs: tuple[Path, list[str]], log: list | None = None) -> list[list[dict]]:
+    """Run the probe under `launcher` once for every (folder, overrides) run, one after another in the same processes
+    (the launcher and the imports are paid once); return each run's rank records, rank order. The launch's stderr
+    is appended to `log` where given."""
+    args = [arg for i, (out, overrides) in enumerate(runs)
+            for arg in ([SEPARATOR] if i else []) + [str(out), *overrides]]
+    res = subprocess.run([*launcher, PROBE, *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
     if log is not None:
         log.append(res.stderr)
+    return [records(out) for out, _ in runs]
+
+
+def records(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
+def one_process(out: Path, *overrides: str) -> dict:
+    """The one-process run to compare with, in this test process (no launcher and no second set of imports)."""
+    launch_probe.main(str(out), list(overrides))
+    (record,) = records(out)
+    return record
 
 
 def accelerate(config: str) -> list[str]:
@@ -78,38 +94,50 @@ def test_accelerate_configs_take_the_process_count_from_the_launcher(path):
 @pytest.fixture(scope="module")
 def single_sft(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("single_sft")
-    (record,) = probe(root / "probe", *SFT, f"run.output_dir={root}", "run.name=one",
-                      "trainer.per_device_train_batch_size=4")
-    return record
+    return one_process(root / "probe", *SFT, f"run.output_dir={root}", "run.name=one",
+                       "trainer.per_device_train_batch_size=4")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "ddp.yaml", "fsdp.yaml"])
-def test_sft_two_processes_match_one(tmp_path, single_sft, launcher):
-    cmd, log = TORCHRUN if launcher == "torchrun" else accelerate(launcher), []
-    ranks = probe(tmp_path / "probe", *SFT, f"run.output_dir={tmp_path}", "run.name=two",
-                  "trainer.per_device_train_batch_size=2", launcher=cmd, log=log)
+def two_process_sft(root: Path) -> tuple[Path, list[str]]:
+    """The SFT run of two processes with a per-device batch of 2 (the single run's global batch of 4)."""
+    return root / "probe", [*SFT, f"run.output_dir={root}", "run.name=two", "trainer.per_device_train_batch_size=2"]
+
+
+def check_two_process_sft(root: Path, ranks: list[dict], single: dict, launcher: str, stderr: str) -> None:
     # accelerate attaches its FSDP plugin only to GPU process groups: on CPU processes fsdp.yaml trains
     # data-parallel, and the stage says so rather than pass it off as sharded
     sharded = launcher == "fsdp.yaml" and torch.cuda.is_available()
-    assert_same_training(ranks, single_sft, "FSDP" if sharded else "MULTI_CPU")
+    assert_same_training(ranks, single, "FSDP" if sharded else "MULTI_CPU")
     if launcher == "fsdp.yaml" and not sharded:
-        assert "FSDP was asked (ACCELERATE_USE_FSDP=true) but accelerate runs MULTI_CPU here" in log[0]
-    manifest = json.loads((tmp_path / "two" / "sft" / "manifest.json").read_text())
-    assert manifest["world_size"] == 2 and (tmp_path / "two" / "sft" / "adapter" / "adapter_model.safetensors").exists()
+        assert "FSDP was asked (ACCELERATE_USE_FSDP=true) but accelerate runs MULTI_CPU here" in stderr
+    manifest = json.loads((root / "two" / "sft" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and (root / "two" / "sft" / "adapter" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.slow
-def test_dpo_under_accelerate_matches_one_process(tax_sft, tmp_path):
-    """From the session's tax SFT run: on-policy negatives written by each rank, two DPO steps. One process
-    precomputes the reference log-probs; two compute them at every step (preference.precompute_ref: TRL's cache of
-    them is per process), and the losses must still agree."""
+@pytest.mark.parametrize("launcher", ["torchrun", "fsdp.yaml"])
+def test_sft_two_processes_match_one(tmp_path, single_sft, launcher):
+    """ddp.yaml's SFT run is test_sft_and_dpo_under_accelerate_ddp_match_one_process's (one launch for two runs)."""
+    log = []
+    (ranks,) = launch(TORCHRUN if launcher == "torchrun" else accelerate(launcher), two_process_sft(tmp_path), log=log)
+    check_two_process_sft(tmp_path, ranks, single_sft, launcher, log[0])
+
+
+@pytest.mark.slow
+def test_sft_and_dpo_under_accelerate_ddp_match_one_process(tax_sft, single_sft, tmp_path):
+    """One ddp.yaml launch runs SFT as test_sft_two_processes_match_one does for the other launchers, then DPO from
+    the session's tax SFT run: on-policy negatives written by each rank, two DPO steps. One process precomputes the
+    reference log-probs; two compute them at every step (preference.precompute_ref: TRL's cache of them is per
+    process), and the losses must still agree."""
     shutil.copytree(tax_sft / "p", tmp_path / "p")
-    dpo = ["stage=dpo", *PREF, *FP32[:2], "trainer.max_steps=2", f"run.output_dir={tmp_path}", "run.name=p",
-           "run.overwrite=true"]
-    (single,) = probe(tmp_path / "one", *dpo, "trainer.per_device_train_batch_size=4")
-    ranks = probe(tmp_path / "two", *dpo, "trainer.per_device_train_batch_size=2", launcher=accelerate("ddp.yaml"))
-    assert_same_training(ranks, single, steps=2)
+    dpo = ["stage=dpo", *PREF, PAIR_LENGTH, *FP32[:2], "trainer.max_steps=2", f"run.output_dir={tmp_path}",
+           "run.name=p", "run.overwrite=true"]
+    single = one_process(tmp_path / "one", *dpo, "trainer.per_device_train_batch_size=4")
+    log = []
+    sft_ranks, dpo_ranks = launch(accelerate("ddp.yaml"), two_process_sft(tmp_path),
+                                  (tmp_path / "two-dpo", [*dpo, "trainer.per_device_train_batch_size=2"]), log=log)
+    check_two_process_sft(tmp_path, sft_ranks, single_sft, "ddp.yaml", log[0])
+    assert_same_training(dpo_ranks, single, steps=2)
 
 
 @pytest.mark.slow
@@ -118,8 +146,8 @@ def test_sft_under_deepspeed_on_the_cpu_matches_one_process(tmp_path, single_sft
     """The optional extra (README: pip install --no-build-isolation ".[deepspeed]"), on DeepSpeed's CPU accelerator
     (gloo); skipped where DeepSpeed is not installed, as in `make test`."""
     pytest.importorskip("deepspeed")
-    ranks = probe(tmp_path / "probe", *SFT, f"run.output_dir={tmp_path}", "run.name=ds",
-                  "trainer.per_device_train_batch_size=2", launcher=accelerate(config))
+    (ranks,) = launch(accelerate(config), (tmp_path / "probe", [*SFT, f"run.output_dir={tmp_path}", "run.name=ds",
+                                                                "trainer.per_device_train_batch_size=2"]))
     assert_same_training(ranks, single_sft, "DEEPSPEED")
     assert (tmp_path / "ds" / "sft" / "adapter" / "adapter_model.safetensors").exists()
 

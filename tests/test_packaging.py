@@ -89,14 +89,15 @@ def check_project(project: Path, trained: bool = True) -> None:
 
 def test_guide_from_a_wheel_in_a_fresh_virtualenv(wheel, tmp_path):
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    # no pip of its own (ensurepip costs seconds): this environment's pip installs into it (`pip --python`)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
     # the dependencies (torch, transformers, ...) come from this environment; align itself only from the wheel
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     Path(site, "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    res = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index",
+                          str(wheel)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     where = subprocess.run([str(py), "-c", "import align; print(align.__file__)"], cwd=tmp_path,
                            capture_output=True, text=True, check=True).stdout.strip()

@@ -10,7 +10,7 @@ from conftest import TINY, copy_run, run_stage, shared
 
 from align import AlignError
 
-FAST = [*TINY, "data.max_rows=8", "trainer.max_steps=2", "trainer.max_length=128", "eval.max_new_tokens=6",
+FAST = [*TINY, "data.max_rows=4", "trainer.max_steps=2", "trainer.max_length=128", "eval.max_new_tokens=6",
         "eval.max_prompts=10", "trainer.per_device_train_batch_size=2"]
 SFT3 = 'pipeline.overrides.sft=["trainer.max_steps=3"]'  # one stage's own override, over the shared ones
 DPO_CHAIN = "pipeline.stages=[data,sft,rm,dpo]"

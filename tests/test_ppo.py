@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, TINY, compose, run_stage
+from conftest import ROOT, TINY, compose, copy_run, run_stage, shared
 
 from align import models, runs
 from align.data import recipes
@@ -79,6 +79,14 @@ def one_thread():
 def adapters_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     return make_sft_adapter(root / "sft"), make_rm_adapter(root / "rm")
+
+
+@pytest.fixture(scope="session")
+def scoped_data(tmp_path_factory):
+    """A finished data stage of the SCOPED recipe settings (run.name=t), built once: the tests that run PPO on
+    tax_assistant prompts copy_run it (the stage reuses a build of the same data config) instead of each building
+    the recipe again."""
+    return shared(tmp_path_factory, "ppo_scoped_data", lambda root: run_stage(root, "stage=data", *SCOPED[1:]))
 
 
 def finished_parents(tmp_path, adapters_dir):
@@ -364,9 +372,10 @@ def test_stage_end_to_end_and_resume(tmp_path, adapters_dir):
     assert history[2]["reward_mean"] == pytest.approx(metrics["history"][2]["reward_mean"], abs=1e-5)
 
 
-def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir):
+def test_stage_with_rule_reward_on_scope_data(tmp_path, adapters_dir, scoped_data):
     from align import AlignError
 
+    copy_run(scoped_data, tmp_path)
     finished_parents(tmp_path, adapters_dir)
     with pytest.raises(AlignError, match="ppo.rule_judge must be keyword or classifier, got 'llm'"):
         run_stage(tmp_path, *SCOPED, "ppo.rule_weight=1.0", "ppo.rule_judge=llm")
@@ -445,11 +454,12 @@ def test_stage_keeps_the_checkpoint_best_on_dev_prompts(tmp_path, adapters_dir):
         assert any(not torch.equal(saved[k], last[k]) for k in last)
 
 
-def test_check_critic_reads_a_finished_run(tmp_path, adapters_dir, capsys, monkeypatch):
+def test_check_critic_reads_a_finished_run(tmp_path, adapters_dir, scoped_data, capsys, monkeypatch):
     """scripts/check_critic.py on a finished scoped PPO run: one line per expected behaviour, a value per opener."""
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     import check_critic
 
+    copy_run(scoped_data, tmp_path)
     finished_parents(tmp_path, adapters_dir)
     scoped = [*(a for a in SCOPED if not a.startswith("ppo.num_updates")), "ppo.num_updates=1"]
     with pytest.raises(SystemExit, match="check_critic: .*ppo"):  # no ppo run yet: one line, not a traceback

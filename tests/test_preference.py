@@ -2,11 +2,12 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import PREF as COMMON, copy_run, run_stage
+from conftest import PAIR_LENGTH, PREF as COMMON, copy_run, run_stage
 
 from align import AlignError
 
@@ -76,23 +77,10 @@ def test_ties_are_counted_and_never_correct(sft_run):
     assert m["eval/ties"] == 8 and m["eval/accuracy"] == 0.0 and m["eval/tie_rate"] == 1.0
 
 
-def test_dpo_from_sft_logs_rewards_and_saves_policy(sft_run):
-    m = run_stage(sft_run, "stage=dpo", *COMMON, "run.name=p", "trainer.max_steps=2", "trainer.learning_rate=1e-3",
-                  "dpo.loss_type=ipo")
-    for key in ("train/rewards/accuracies", "train/rewards/margins", "eval_rewards/accuracies",
-                "eval_rewards/chosen", "eval_rewards/rejected"):
-        assert key in m, sorted(m)
-    adapter = sft_run / "p" / "dpo" / "adapter"
-    assert not (adapter / "ref").exists()
-    from peft import AutoPeftModelForCausalLM
-
-    policy = AutoPeftModelForCausalLM.from_pretrained(str(adapter))
-    assert list(policy.peft_config) == ["default"]
-
-
 @pytest.mark.parametrize("stage", ["rm", "dpo"])
 def test_qlora_rm_and_dpo(sft_run, stage):
-    m = run_stage(sft_run, f"stage={stage}", *COMMON, "peft=qlora", "run.name=p", "trainer.max_steps=2",
+    length = [PAIR_LENGTH] if stage == "dpo" else []
+    m = run_stage(sft_run, f"stage={stage}", *COMMON, *length, "peft=qlora", "run.name=p", "trainer.max_steps=2",
                   "run.overwrite=true")
     assert m["train/global_step"] == 2
 
@@ -106,18 +94,35 @@ def test_missing_parent_names_the_stage_to_run(tmp_path):
 
 
 def test_kto_from_sft_on_unpaired_rows(sft_run):
-    m = run_stage(sft_run, "stage=kto", *COMMON, "run.name=p", "trainer.max_steps=2")
+    m = run_stage(sft_run, "stage=kto", *COMMON, PAIR_LENGTH, "run.name=p", "trainer.max_steps=2")
     assert m["train/global_step"] == 2 and m["data/train_rows_available"] == 16  # 8 pairs -> 16 unpaired rows
     assert m["data/train_rows"] == 4  # 2 steps x batch 2: only those rows get reference log-probs
     assert (sft_run / "p" / "kto" / "adapter" / "adapter_model.safetensors").exists()
     assert not (sft_run / "p" / "kto" / "adapter" / "ref").exists()
 
 
+def assert_dpo_logs_rewards_and_saves_policy(m: dict, run: Path) -> None:
+    """A finished dpo stage logged its rewards (train and eval) and saved the policy alone: no ref/ adapter beside
+    it, one adapter when loaded."""
+    from peft import AutoPeftModelForCausalLM
+
+    for key in ("train/rewards/accuracies", "train/rewards/margins", "eval_rewards/accuracies",
+                "eval_rewards/chosen", "eval_rewards/rejected"):
+        assert key in m, sorted(m)
+    adapter = run / "p" / "dpo" / "adapter"
+    assert not (adapter / "ref").exists()
+    policy = AutoPeftModelForCausalLM.from_pretrained(str(adapter))
+    assert list(policy.peft_config) == ["default"]
+
+
 @pytest.mark.parametrize("stage", ["dpo", "rm"])
 def test_on_policy_rejected_answers_come_from_the_model(sft_run, monkeypatch, stage):
     """The stage asks the SFT policy for its answers with the refusal opener barred and keeps the compliant ones
     (for rm too, so PPO's reward model has seen the policy's own off-scope answers). The tiny policy's few tokens
-    are noise, so its generator is replaced; test_generate covers the real one."""
+    are noise, so its generator is replaced; test_generate covers the real one (and the stages that keep the
+    recipe's data.rejected_source=policy, here test_rm_trains_evaluates_and_loads, run it in a stage).
+
+    The dpo case is also the suite's DPO-from-SFT run (ipo loss): it logs the rewards and saves the policy alone."""
     from align import negatives
 
     calls = []
@@ -129,13 +134,16 @@ def test_on_policy_rejected_answers_come_from_the_model(sft_run, monkeypatch, st
         return texts, {"tokens_per_second": 1.0}
 
     monkeypatch.setattr(negatives, "chat_generate", fake_generate)
+    dpo = [PAIR_LENGTH, "trainer.learning_rate=1e-3", "dpo.loss_type=ipo"] if stage == "dpo" else []
     m = run_stage(sft_run, f"stage={stage}", *COMMON, "run.name=p", "trainer.max_steps=2", "run.overwrite=true",
-                  "data.rejected_source=policy")
+                  "data.rejected_source=policy", *dpo)
     assert m["train/global_step"] == 2
     assert calls and calls[0]["begin_suppress_tokens"]  # the scope's refusal opener is barred
     assert m["data/on_policy_rejected"] > 0
     # only the pairs two steps reach are answered (generation is the costly part): 2 x batch 2 of the 8 pairs
     assert m["data/train_rows"] == 4
+    if stage == "dpo":
+        assert_dpo_logs_rewards_and_saves_policy(m, sft_run)
 
 
 def test_on_policy_chosen_answers_come_from_the_model(sft_run, monkeypatch):
@@ -151,8 +159,8 @@ def test_on_policy_chosen_answers_come_from_the_model(sft_run, monkeypatch):
                 "Sorry, I can only help with tax questions." for i in range(len(prompts))], {"tokens_per_second": 1.0}
 
     monkeypatch.setattr(negatives, "chat_generate", fake_generate)
-    m = run_stage(sft_run, "stage=dpo", *COMMON, "run.name=p", "trainer.max_steps=2", "run.overwrite=true",
-                  "data.rejected_source=template",
+    m = run_stage(sft_run, "stage=dpo", *COMMON, PAIR_LENGTH, "run.name=p", "trainer.max_steps=2",
+                  "run.overwrite=true", "data.rejected_source=template",
                   "data.chosen_source=policy")
     assert len(calls) == 1 and not calls[0]["begin_suppress_tokens"]  # only the chosen side was written
     assert m["data/on_policy_chosen"] > 0 and "data/on_policy_rejected" not in m
