@@ -6,6 +6,10 @@ from align import AlignError
 from align.config import STAGES
 
 
+# the stages that write outputs/<run.name>/<stage>/ through runs.prepare (pipeline chains them; new writes a project)
+OWN_FOLDER = ("data", "sft", "rm", "dpo", "kto", "ppo", "grpo", "safety_eval", "export", "generate")
+
+
 def run_stage(cfg) -> dict:
     name = cfg.stage.name
     if name not in STAGES:
@@ -14,6 +18,8 @@ def run_stage(cfg) -> dict:
 
     runs.scrub_hydra_logs()  # first: Hydra wrote the command line to logs/ before we got here
     checks.check(cfg)  # before any model loads or any stage folder is touched
+    if name in OWN_FOLDER:
+        runs.check_can_start(cfg.run, name)  # a refusal before the stage's imports (seconds of torch, TRL)
     module = importlib.import_module(f"align.stages.{name}")
     if name not in ("data", "pipeline"):  # pipeline: each of its stages seeds itself here
         from align.training import seed_everything

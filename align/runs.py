@@ -67,6 +67,13 @@ def prepare(run, stage: str, main_process: bool = True) -> Path:
     return out
 
 
+def check_can_start(run, stage: str) -> None:
+    """prepare()'s refusals (a finished run without run.overwrite, an interrupted one without run.resume), read-only
+    and before the stage's heavy imports, so a refused command answers in a second instead of after loading torch,
+    transformers and TRL. prepare() checks again under the stage's lock."""
+    _plan(run, stage, stage_dir(run, stage))
+
+
 def _plan(run, stage: str, final: Path) -> tuple[Path, bool]:
     """(the folder to write in, whether to empty it first), or the one-line refusal."""
     if is_finished(final):

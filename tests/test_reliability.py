@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FINISHED_SFT as SFT, PREF, ROOT, SECRET, TINY, cli, compose, copy_run, run_stage
+from conftest import FINISHED_SFT as SFT, PAIR_LENGTH, PREF, ROOT, SECRET, TINY, cli, compose, copy_run, run_stage
 
 from align import AlignError, checks, locks, runs
 
@@ -163,12 +163,13 @@ def test_killed_overwrite_keeps_the_old_run_and_resumes_into_a_swap(finished, tm
     lock = json.loads(locks.lock_path(compose(root, "run.name=kill").run, "sft").read_text())
     assert lock["pid"] == proc.pid  # the dead writer's lock is still there ...
 
-    with caplog.at_level(logging.INFO):  # ... and is taken over by the next run
+    with caplog.at_level(logging.INFO):  # ... and is taken over by the next run that starts
         with pytest.raises(AlignError, match="interrupted overwrite"):  # resuming it needs both flags
             run_stage(root, *SFT, "run.name=kill", "run.resume=true")
-        assert f"lock of pid {proc.pid}, which is no longer running" in caplog.text
+        assert "no longer running" not in caplog.text  # refused before the lock is touched (runs.check_can_start)
         m = run_stage(root, *SFT, "run.name=kill", "run.overwrite=true", "run.resume=true",
                       f"trainer.max_steps={step + 1}", "seed=7")
+        assert f"lock of pid {proc.pid}, which is no longer running" in caplog.text
     assert f"resuming from {new / 'checkpoints' / f'checkpoint-{step}'}" in caplog.text
     assert m["train/global_step"] == step + 1
     out = root / "kill" / "sft"
@@ -340,8 +341,10 @@ def assert_same_adapter(a: Path, b: Path) -> None:
 @pytest.mark.embedded
 def test_an_adapter_from_another_base_or_a_broken_one_is_one_line(finished, tmp_path):
     adapter = finished / "base" / "sft" / "adapter"
+    # a small recipe and a prompt file: the check comes when the adapter is loaded, whatever the prompts
+    prompts = ["data=instructions", "scope=none", f"eval.prompts=[{ROOT}/data_recipes/tax_assistant/dev.jsonl]"]
     res = cli("stage=safety_eval", "model=smollm2_135m", "tracking=none", f"eval.adapter={adapter}",
-              "eval.max_prompts=2", "eval.compare_base=false", f"run.output_dir={tmp_path}", "run.name=x")
+              "eval.max_prompts=2", "eval.compare_base=false", f"run.output_dir={tmp_path}", "run.name=x", *prompts)
     assert res.returncode == 2 and one_error_line(res.stderr), res.stderr[-1500:]
     assert f"{adapter}: this adapter was trained on" in res.stderr and "not on the base loaded now" in res.stderr
     broken = tmp_path / "broken"
@@ -350,8 +353,7 @@ def test_an_adapter_from_another_base_or_a_broken_one_is_one_line(finished, tmp_
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(AlignError, match="the adapter weights are unreadable") as err:  # the CLI prints it as above
         run_stage(tmp_path, "stage=safety_eval", *TINY, f"eval.adapter={broken}", "eval.max_prompts=2",
-                  "eval.compare_base=false", "run.name=y", "data=instructions", "scope=none",
-                  f"eval.prompts=[{ROOT}/data_recipes/tax_assistant/dev.jsonl]")
+                  "eval.compare_base=false", "run.name=y", *prompts)
     assert str(err.value).startswith(f"{broken}: the adapter weights are unreadable") and "\n" not in str(err.value)
 
 
@@ -376,7 +378,7 @@ def test_dpo_killed_mid_run_and_resumed_ends_with_the_uninterrupted_adapter(tax_
     """The same for dpo, from one SFT adapter: kill -9 after checkpoint 2 of 4, resume, compare."""
     for name in ("whole", "cut"):  # the data build and the sft stage, twice
         shutil.copytree(tax_sft / "p", tmp_path / name)
-    dpo = ["stage=dpo", *PREF, "trainer.max_steps=4", "trainer.save_steps=1", "trainer.learning_rate=1e-3",
+    dpo = ["stage=dpo", *PREF, PAIR_LENGTH, "trainer.max_steps=4", "trainer.save_steps=1", "trainer.learning_rate=1e-3",
            "trainer.per_device_train_batch_size=1"]
     run_stage(tmp_path, *dpo, "run.name=whole")
     kill_after_checkpoint(dpo, tmp_path, tmp_path / "cut" / "dpo", 2)
