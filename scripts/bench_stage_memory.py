@@ -30,7 +30,7 @@ def overrides(args, method: str, stage: str, out: str) -> list[str]:
             "tracking=none", f"run.output_dir={out}", f"run.name={method}", f"data.max_rows={args.rows}",
             f"trainer.max_steps={args.steps}", f"trainer.per_device_train_batch_size={args.batch}",
             f"trainer.max_length={args.max_length}", "trainer.save_steps=100000", "+trainer.extra.save_strategy=no",
-            "data.rejected_source=template"]  # no generation: the stages' training alone
+            "data.rejected_source=template", *args.extra]  # no generation: the stages' training alone
 
 
 def child(cfg_overrides: list[str]) -> None:
@@ -95,6 +95,7 @@ def main() -> None:
     p.add_argument("--stages", default=",".join(STAGES), help="comma list, sft first (the others start from it)")
     p.add_argument("--out-json", type=Path, default=Path("docs/bench/stage_memory.json"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--extra", nargs="*", default=[], help="overrides for every stage, e.g. data=instructions")
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

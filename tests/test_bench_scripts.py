@@ -25,7 +25,8 @@ def run_script(monkeypatch, capsys, name: str, *args: str) -> str:
 def test_stage_memory_benchmark_writes_json_and_table(tmp_path, monkeypatch, capsys):
     out = tmp_path / "stage_memory.json"
     stdout = run_script(monkeypatch, capsys, "bench_stage_memory", "--model", "tiny", "--steps", "1", "--rows", "4",
-                        "--batch", "2", "--max-length", "64", "--stages", "sft", "--out-json", str(out))
+                        "--batch", "2", "--max-length", "64", "--stages", "sft", "--out-json", str(out),
+                        "--extra", "data=instructions", "scope=none")
     record = json.loads(out.read_text())
     assert record["command"].startswith("python scripts/bench_stage_memory.py --model tiny")
     assert record["cpu"] and record["date"]
