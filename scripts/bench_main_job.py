@@ -14,6 +14,7 @@ held-out figure's mean and range over the seeds.
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -87,7 +88,10 @@ def main() -> None:
                 runs.append(run_seed(seed, args.overrides, out))
                 print(f"seed {seed}: {runs[-1]['total_seconds']:.0f} s, OS {runs[-1]['figures']['after/os']}",
                       file=sys.stderr, flush=True)
-    print(bench_record.write(args.out_json, "bench_main_job.py", table(runs), runs=runs)["table_md"])
+    threads = os.environ.get("OMP_NUM_THREADS", "unset (torch's default: every core)")
+    lead = "" if args.folders else f"OMP_NUM_THREADS {threads}; the seeds one after the other\n\n"
+    print(bench_record.write(args.out_json, "bench_main_job.py", lead + table(runs), runs=runs,
+                             omp_num_threads=threads)["table_md"])
 
 
 if __name__ == "__main__":
