@@ -40,8 +40,9 @@ def run(names: list[str], bench_dir: Path) -> list[str]:
         if name not in names:
             continue
         print(f"make bench: {name}", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / cmd[0]), *cmd[1:], "--out-json",
-                               str(bench_dir / f"{name}.json")], cwd=ROOT)
+        out = (bench_dir / f"{name}.json").resolve()
+        shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out  # the command as a reader would type it
+        proc = subprocess.run([sys.executable, f"scripts/{cmd[0]}", *cmd[1:], "--out-json", str(shown)], cwd=ROOT)
         if proc.returncode != 0:
             failed.append(name)
     return failed
