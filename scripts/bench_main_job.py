@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 
 import bench_record
+from align.config import STAGES  # the project's one list, in pipeline order
 
-STAGES = ("data", "sft", "rm", "dpo", "ppo", "safety_eval")
 FIGURES = ("ar_in", "rr_out", "rr_unsafe", "rr_adv", "os")
 
 

@@ -8,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-STAGES = ("data", "sft", "rm", "dpo", "kto", "ppo", "grpo", "safety_eval")
+from align.config import STAGES  # the project's one list; stages without a folder are skipped
+
 
 
 def rows(run: Path) -> list[str]:
