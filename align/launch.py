@@ -8,6 +8,9 @@ from align.config import STAGES
 
 # the stages that write outputs/<run.name>/<stage>/ through runs.prepare (pipeline chains them; new writes a project)
 OWN_FOLDER = ("data", "sft", "rm", "dpo", "kto", "ppo", "grpo", "safety_eval", "export", "generate")
+# the stages not seeded here: new and data draw no random numbers (data's teacher decodes greedily), and pipeline
+# seeds each of its stages through this function; skipping them also spares them the seconds of importing torch
+UNSEEDED = ("new", "data", "pipeline")
 
 
 def run_stage(cfg) -> dict:
@@ -21,7 +24,7 @@ def run_stage(cfg) -> dict:
     if name in OWN_FOLDER:
         runs.check_can_start(cfg.run, name)  # a refusal before the stage's imports (seconds of torch, TRL)
     module = importlib.import_module(f"align.stages.{name}")
-    if name not in ("data", "pipeline"):  # pipeline: each of its stages seeds itself here
+    if name not in UNSEEDED:
         from align.training import seed_everything
 
         seed_everything(cfg.seed)  # before the model and adapter exist, so one seed gives one adapter

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from align import AlignError, adapters, models, runs, shared_prefix
+from align import AlignError, adapters, fused_head, models, runs, shared_prefix
 from align.distributed import distributed_state, is_main_process  # noqa: F401 (stages call training.*)
 
 log = logging.getLogger(__name__)
@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 def trainer_args(cfg, out: Path, tracker, config_cls, has_eval: bool, **stage_kwargs):
     """cfg.trainer -> a TRL config (SFTConfig, DPOConfig, ...); trainer.extra passes through as-is."""
     t = cfg.trainer
+    fused_head.score_trained_positions_only(t.compact_lm_head)  # before the trainer: DPO's constructor scores
     dtype = models.pick_dtype(cfg.model.dtype)
     kwargs = dict(
         output_dir=str(Path(out) / "checkpoints"),

@@ -1,4 +1,5 @@
-"""Step time and peak memory of sft and dpo on the main job's rows, with trainer.shared_prefix on and off.
+"""Step time and peak memory of sft and dpo on the main job's rows: TRL as it is, then with its LM head on trained
+positions only (trainer.compact_lm_head), then with shared prefixes too (trainer.shared_prefix).
 
 The main job's own settings (conf/stage/sft.yaml, dpo.yaml: batch 8 and 4, max_length 80, its data=tax_scoped build)
 for a few steps each; every stage in its own child process (its peak RSS is its own), dpo from the sft of the same
@@ -6,7 +7,7 @@ setting. Rejected sides from templates (data.rejected_source=template), so no ge
 Writes the raw results (JSON) and prints a markdown table:
 
     python scripts/bench_shared_prefix.py                     # the embedded SmolLM2-135M, 8 steps per stage
-    python scripts/bench_shared_prefix.py --model tiny --steps 1 --stages sft --settings off,on --data instructions
+    python scripts/bench_shared_prefix.py --model tiny --steps 1 --stages sft --settings trl,shared --data instructions
 """
 
 import argparse
@@ -17,12 +18,17 @@ from pathlib import Path
 import bench_record
 from bench_stage_memory import child, run_child
 
-# the settings compared; "grouped" adds length-grouped batches (transformers' LengthGroupedSampler: rows of similar
-# length together, so less padding), which trainer.extra passes through
-SETTINGS = {"off": ["trainer.shared_prefix=false"], "on": ["trainer.shared_prefix=true"],
-            "on+grouped": ["trainer.shared_prefix=true", "+trainer.extra.train_sampling_strategy=group_by_length"]}
+# the settings compared, each adding to the one before: trl (TRL's fused LM head as it runs on the CPU, every
+# position projected; no sharing: the code before issue #30), compact (trained positions only), shared (shared
+# prefixes too, the default), shared+grouped (length-grouped batches, transformers' LengthGroupedSampler: rows of
+# similar length together, so less padding; trainer.extra passes it through)
+SETTINGS = {"trl": ["trainer.compact_lm_head=false", "trainer.shared_prefix=false"],
+            "compact": ["trainer.compact_lm_head=true", "trainer.shared_prefix=false"],
+            "shared": ["trainer.compact_lm_head=true", "trainer.shared_prefix=true"],
+            "shared+grouped": ["trainer.compact_lm_head=true", "trainer.shared_prefix=true",
+                               "+trainer.extra.train_sampling_strategy=group_by_length"]}
 # TRL's DPOTrainer keeps no input_ids column for the sampler to measure: grouped batches are SFT's only
-STAGE_SETTINGS = {"sft": ("off", "on", "on+grouped"), "dpo": ("off", "on")}
+STAGE_SETTINGS = {"sft": tuple(SETTINGS), "dpo": ("trl", "compact", "shared")}
 
 
 def overrides(args, setting: str, stage: str, out: str) -> list[str]:
@@ -39,22 +45,22 @@ def rate(result: dict) -> str:
 
 
 def table(results: dict) -> str:
-    rows = ["| stage | setting | s/step | vs off | tokens computed | tokens/s | peak RSS (MB) |",
+    rows = ["| stage | setting | s/step | vs trl | tokens computed | tokens/s | peak RSS (MB) |",
             "|---|---|---|---|---|---|---|"]
     for stage, by_setting in results.items():
-        off = by_setting.get("off", {})
+        base = by_setting.get("trl", {})
         for setting, r in by_setting.items():
             if not r["ok"]:
                 rows.append(f"| {stage} | {setting} | failed: {r.get('error')} | | | | |")
                 continue
-            ratio = f"{r['s_per_step'] / off['s_per_step']:.2f}" if off.get("ok") else "n/a"
+            ratio = f"{r['s_per_step'] / base['s_per_step']:.2f}" if base.get("ok") else "n/a"
             share = r["shared_prefix_token_ratio"]
             rows.append(f"| {stage} | {setting} | {r['s_per_step']:.2f} | {ratio} | "
                         f"{1.0 if share is None else share:.2f} | {rate(r)} | {r['max_rss_mb']:,.0f} |")
-    if all(results.get(s, {}).get(k, {}).get("ok") for s in ("sft", "dpo") for k in ("off", "on")):
+    both = [k for k in STAGE_SETTINGS["dpo"] if all(results.get(s, {}).get(k, {}).get("ok") for s in ("sft", "dpo"))]
+    if both:
         rows.append("\ndpo / sft peak RSS: " + ", ".join(
-            f"shared_prefix {k} {results['dpo'][k]['max_rss_mb'] / results['sft'][k]['max_rss_mb']:.2f}"
-            for k in ("off", "on")))
+            f"{k} {results['dpo'][k]['max_rss_mb'] / results['sft'][k]['max_rss_mb']:.2f}" for k in both))
     return "\n".join(rows)
 
 
@@ -76,7 +82,7 @@ def main() -> None:
         for setting in args.settings.split(","):  # sft first: dpo starts from it
             for stage in (stage for stage in results if setting in STAGE_SETTINGS[stage]):
                 r = results[stage][setting] = run_child(__file__, overrides(args, setting, stage, out))
-                print(f"shared_prefix={setting} {stage}: " + (f"{r['s_per_step']:.2f} s/step, {r['max_rss_mb']:,.0f} MB"
+                print(f"{setting} {stage}: " + (f"{r['s_per_step']:.2f} s/step, {r['max_rss_mb']:,.0f} MB"
                       if r["ok"] else f"failed: {r['error']}"), file=sys.stderr, flush=True)
     if not any(r["ok"] for by_setting in results.values() for r in by_setting.values()):
         sys.exit("every run failed; nothing written")

@@ -202,11 +202,11 @@ def test_benchmark_script_writes_json_and_table(tmp_path):
 
     out = tmp_path / "shared_prefix.json"
     res = subprocess.run([sys.executable, "scripts/bench_shared_prefix.py", "--model", "tiny", "--steps", "1",
-                          "--stages", "sft", "--settings", "off,on", "--data", "instructions", "--out-json",
+                          "--stages", "sft", "--settings", "trl,shared", "--data", "instructions", "--out-json",
                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     record = json.loads(out.read_text())
-    on, off = record["results"]["sft"]["on"], record["results"]["sft"]["off"]
+    on, off = record["results"]["sft"]["shared"], record["results"]["sft"]["trl"]
     assert on["ok"] and off["ok"] and off["shared_prefix_token_ratio"] is None
     assert on["shared_prefix_token_ratio"] < 0.8
     assert record["cpu"] and record["command"].startswith("python scripts/bench_shared_prefix.py --model tiny")

@@ -108,6 +108,9 @@ class TrainerConfig:
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
     shared_prefix: bool = opt(True, "compute the tokens a batch's rows share (system prompt, a pair's prompt) once "
                                     "(sft, rm, dpo, kto; same loss and gradients, align/shared_prefix.py)")
+    compact_lm_head: bool = opt(True, "on the CPU, TRL's fused LM head projects only trained positions, as it does "
+                                      "on GPUs (same values; false = every position, TRL's CPU layout; "
+                                      "align/fused_head.py)")
     max_length: int = opt(512, "longest tokenized sequence (prompt + response)", at_least(1, "tokens per row"))
     packing: bool = opt(False, "pack several short examples into one sequence (SFT)")
     padding_free: bool = opt(False, "padding-free batching (SFT; flattens the batch, needs flash attention on GPU for "
