@@ -8,8 +8,8 @@ prompt and padding included, so that compilers such as Neuron's see one tile sha
 
 On the CPU nothing is compiled, and those positions are most of the work: SmolLM2's vocabulary is 49,152 tokens,
 and a chat row trains only its answer. Here the CPU takes TRL's own compact path: the same kernel on the trained
-positions only, the same outputs (zeros at untrained positions, as before), the same gradients. Measured with
-`python scripts/bench_fused_head.py` (docs/benchmarks.md).
+positions only, the same outputs (zeros at untrained positions, as before), the same gradients. Measured against
+TRL's layout by `python scripts/bench_shared_prefix.py` (docs/benchmarks.md).
 
 It changes one decision in TRL and nothing else: `trl.trainer.utils._use_triton`, which that module consults only to
 choose the compact layout; the kernels keep their own check and still run their CPU code.

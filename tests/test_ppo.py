@@ -215,7 +215,7 @@ def test_ppo_raises_a_synthetic_reward(peaky_tiny, tmp_path):
         hits = in_set[batch.response_ids].float() * batch.response_mask
         return hits.sum(-1) / batch.response_mask.sum(-1)
 
-    pcfg = PpoConfig(rollout_batch_size=16, mini_batch_size=8, ppo_epochs=2, num_updates=24, max_new_tokens=12,
+    pcfg = PpoConfig(rollout_batch_size=16, mini_batch_size=8, ppo_epochs=2, num_updates=16, max_new_tokens=12,
                      temperature=1.0, learning_rate=3e-3, value_learning_rate=1e-2, kl_coef=0.001,
                      reward_norm=False, missing_eos_penalty=None, sample_every=0, save_every=0)
     prompts = [{"prompt": [{"role": "user", "content": f"Tell me about item {i}."}]} for i in range(32)]
