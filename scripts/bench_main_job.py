@@ -7,6 +7,7 @@ safety_eval's metrics. `--from` reads pipelines already run instead (their run f
     python scripts/bench_main_job.py                      # seeds 42,1,2 on the embedded model (about 15 min each)
     python scripts/bench_main_job.py --seeds 42 model.cpu_bf16=false      # one seed, fp32 (extra overrides)
     python scripts/bench_main_job.py --from outputs/main                  # a finished `make run`
+    python scripts/bench_main_job.py --seeds '' --add a.json b.json      # seeds run at different times, joined
 
 Writes the raw JSON (docs/bench/main_job.json) and prints two tables: seconds per stage per seed, and each
 held-out figure's mean and range over the seeds.
@@ -50,7 +51,8 @@ def run_seed(seed: int, overrides: list[str], out: str) -> dict:
     if proc.returncode != 0:
         tail = [line for line in proc.stderr.splitlines() if line.strip()][-1:]
         sys.exit(f"seed {seed}: the main job failed (exit {proc.returncode}): {tail}")
-    return {"seed": seed, **read_run(Path(out) / f"seed{seed}")}
+    return {"seed": seed, **read_run(Path(out) / f"seed{seed}"), "commit": bench_record.commit(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset (torch's default: every core)")}
 
 
 def table(runs: list[dict]) -> str:
@@ -76,20 +78,30 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="42,1,2", help="comma list; one main job per seed")
     p.add_argument("--from", dest="folders", nargs="+", type=Path, help="finished run folders to read instead")
+    p.add_argument("--add", nargs="+", type=Path, default=[],
+                   help="earlier records of this script whose runs come first (seeds run at different times); "
+                        "with --seeds '' only those")
     p.add_argument("--out-json", type=Path, default=Path("docs/bench/main_job.json"))
     p.add_argument("overrides", nargs="*", help="extra overrides for every run, e.g. model.cpu_bf16=false")
     args = p.parse_args()
+    # each run keeps the commit and thread count it ran with (an added record's, or this process's)
+    threads = os.environ.get("OMP_NUM_THREADS", "unset (torch's default: every core)")
+    runs = [{"commit": record["commit"], "omp_num_threads": record.get("omp_num_threads", "?"), **run}
+            for record in map(lambda f: json.loads(f.read_text()), args.add) for run in record["runs"]]
     if args.folders:
-        runs = [read_run(folder) for folder in args.folders]
+        runs += [read_run(folder) for folder in args.folders]
     else:
-        runs = []
         with tempfile.TemporaryDirectory(prefix="align-main-job-") as out:
-            for seed in (int(s) for s in args.seeds.split(",")):
+            for seed in (int(s) for s in args.seeds.split(",") if s.strip()):
                 runs.append(run_seed(seed, args.overrides, out))
                 print(f"seed {seed}: {runs[-1]['total_seconds']:.0f} s, OS {runs[-1]['figures']['after/os']}",
                       file=sys.stderr, flush=True)
-    threads = os.environ.get("OMP_NUM_THREADS", "unset (torch's default: every core)")
-    lead = "" if args.folders else f"OMP_NUM_THREADS {threads}; the seeds one after the other\n\n"
+    if not runs:
+        sys.exit("nothing to report: give --seeds, --from or --add")
+    made = [r for r in runs if "seed" in r]  # trained by this script, here or in an added record
+    lead = "" if not made else (
+        f"OMP_NUM_THREADS {', '.join(sorted({r.get('omp_num_threads', threads) for r in made}))}; the seeds one "
+        f"after the other, at commit {', '.join(sorted({r.get('commit', '?') for r in made}))}\n\n")
     print(bench_record.write(args.out_json, "bench_main_job.py", lead + table(runs), runs=runs,
                              omp_num_threads=threads)["table_md"])
 

@@ -26,8 +26,12 @@ SETTINGS = {"trl": ["trainer.compact_lm_head=false", "trainer.shared_prefix=fals
             "compact": ["trainer.compact_lm_head=true", "trainer.shared_prefix=false"],
             "shared": ["trainer.compact_lm_head=true", "trainer.shared_prefix=true"],
             "shared+grouped": ["trainer.compact_lm_head=true", "trainer.shared_prefix=true",
-                               "+trainer.extra.train_sampling_strategy=group_by_length"]}
-# TRL's DPOTrainer keeps no input_ids column for the sampler to measure: grouped batches are SFT's only
+                               "+trainer.extra.train_sampling_strategy=group_by_length"],
+            # packed SFT rows, which TRL (1.16) trains padding-free: one sequence per batch, its rows told apart by
+            # position ids (no padding, and no sharing: shared prefixes need rows). Its steps carry more rows, so
+            # compare tokens/s. TRL refuses padding-free rows unpacked, as max_length would go unenforced
+            "packed": ["trainer.compact_lm_head=true", "trainer.packing=true"]}
+# SFT only: TRL's DPOTrainer keeps no input_ids column for the sampler to measure, and turns padding_free off (1.16)
 STAGE_SETTINGS = {"sft": tuple(SETTINGS), "dpo": ("trl", "compact", "shared")}
 
 

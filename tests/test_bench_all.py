@@ -32,6 +32,12 @@ def test_main_job_benchmark_reads_finished_pipelines(monkeypatch, finished_chain
     assert run["figures"]["after/os"] is not None and record["commit"] != "unknown" and record["cpu"]
     assert record["command"] == f"python scripts/bench_main_job.py --from {finished_chain / 'pipe'} --out-json {out}"
     assert "| sft (s) |" in record["table_md"] and "| os |" in record["table_md"]
+    # records of runs made at different times join into one table (--add, no new seeds)
+    both = tmp_path / "both.json"
+    run_script(monkeypatch, "bench_main_job.py", "--seeds", "", "--add", str(out), str(out), "--out-json", str(both))
+    joined = json.loads(both.read_text())
+    assert [{k: v for k, v in r.items() if k not in ("commit", "omp_num_threads")} for r in joined["runs"]] == [run] * 2
+    assert joined["runs"][0]["commit"] == record["commit"] and "mean and range over 2 run(s)" in joined["table_md"]
 
 
 def test_eval_benchmark_on_the_tiny_model(monkeypatch, tmp_path):

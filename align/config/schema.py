@@ -112,9 +112,7 @@ class TrainerConfig:
                                       "on GPUs (same values; false = every position, TRL's CPU layout; "
                                       "align/fused_head.py)")
     max_length: int = opt(512, "longest tokenized sequence (prompt + response)", at_least(1, "tokens per row"))
-    packing: bool = opt(False, "pack several short examples into one sequence (SFT)")
-    padding_free: bool = opt(False, "padding-free batching (SFT; flattens the batch, needs flash attention on GPU for "
-                                    "speed)")
+    packing: bool = opt(False, "pack several short examples into one sequence (SFT; TRL packs them padding-free)")
     extra: Dict[str, Any] = opt({}, "any other transformers.TrainingArguments / TRL config field, passed through as-is")
 
 

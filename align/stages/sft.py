@@ -55,7 +55,6 @@ def run(cfg) -> dict:
         cfg, out, tracker, SFTConfig, has_eval=bool(eval_rows),
         max_length=cfg.trainer.max_length,
         packing=cfg.trainer.packing,
-        padding_free=cfg.trainer.padding_free,
         completion_only_loss=cfg.sft.assistant_only_loss,
     )
     trainer = SFTTrainer(
