@@ -24,10 +24,8 @@ def score_trained_positions_only(on: bool = True) -> bool:
     """Make TRL's fused-head forward project only trained positions on the CPU as well (on=False: TRL's own layout
     again). Process-wide and idempotent. Returns whether the compact layout is on for the CPU; False, with a warning,
     where this TRL has no such switch (then nothing changes)."""
-    try:
-        from trl.trainer import utils as trl_utils
-    except ImportError:
-        return False
+    from trl.trainer import utils as trl_utils
+
     chooser = getattr(trl_utils, "_use_triton", None)
     if chooser is None:
         log.warning("this TRL has no trl.trainer.utils._use_triton: its fused LM head scores every position on the CPU")

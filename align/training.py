@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 def trainer_args(cfg, out: Path, tracker, config_cls, has_eval: bool, **stage_kwargs):
     """cfg.trainer -> a TRL config (SFTConfig, DPOConfig, ...); trainer.extra passes through as-is."""
     t = cfg.trainer
-    fused_head.score_trained_positions_only(t.compact_lm_head)  # before the trainer: DPO's constructor scores
+    # before the trainer exists: DPO's constructor already scores the reference with the fused head
+    fused_head.score_trained_positions_only(t.compact_lm_head)
     dtype = models.pick_dtype(cfg.model.dtype)
     kwargs = dict(
         output_dir=str(Path(out) / "checkpoints"),

@@ -44,6 +44,20 @@ def read_run(folder: Path) -> dict:
             "figures": figures, "n_prompts": metrics.get("n_prompts")}
 
 
+def omp_threads() -> str:
+    return os.environ.get("OMP_NUM_THREADS", "unset (torch's default: every core)")
+
+
+def added_runs(records: list[Path]) -> list[dict]:
+    """The runs of earlier records of this script, each with the commit and thread count its record gives."""
+    runs = []
+    for path in records:
+        record = json.loads(path.read_text())
+        runs += [{"commit": record["commit"], "omp_num_threads": record.get("omp_num_threads", "?"), **run}
+                 for run in record["runs"]]
+    return runs
+
+
 def run_seed(seed: int, overrides: list[str], out: str) -> dict:
     cmd = [sys.executable, "-m", "align", f"seed={seed}", f"run.name=seed{seed}", f"run.output_dir={out}",
            "tracking=none", *overrides]
@@ -52,7 +66,7 @@ def run_seed(seed: int, overrides: list[str], out: str) -> dict:
         tail = [line for line in proc.stderr.splitlines() if line.strip()][-1:]
         sys.exit(f"seed {seed}: the main job failed (exit {proc.returncode}): {tail}")
     return {"seed": seed, **read_run(Path(out) / f"seed{seed}"), "commit": bench_record.commit(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset (torch's default: every core)")}
+            "omp_num_threads": omp_threads()}
 
 
 def table(runs: list[dict]) -> str:
@@ -84,10 +98,7 @@ def main() -> None:
     p.add_argument("--out-json", type=Path, default=Path("docs/bench/main_job.json"))
     p.add_argument("overrides", nargs="*", help="extra overrides for every run, e.g. model.cpu_bf16=false")
     args = p.parse_args()
-    # each run keeps the commit and thread count it ran with (an added record's, or this process's)
-    threads = os.environ.get("OMP_NUM_THREADS", "unset (torch's default: every core)")
-    runs = [{"commit": record["commit"], "omp_num_threads": record.get("omp_num_threads", "?"), **run}
-            for record in map(lambda f: json.loads(f.read_text()), args.add) for run in record["runs"]]
+    runs = added_runs(args.add)  # each run keeps the commit and thread count it ran with
     if args.folders:
         runs += [read_run(folder) for folder in args.folders]
     else:
@@ -100,10 +111,10 @@ def main() -> None:
         sys.exit("nothing to report: give --seeds, --from or --add")
     made = [r for r in runs if "seed" in r]  # trained by this script, here or in an added record
     lead = "" if not made else (
-        f"OMP_NUM_THREADS {', '.join(sorted({r.get('omp_num_threads', threads) for r in made}))}; the seeds one "
+        f"OMP_NUM_THREADS {', '.join(sorted({r.get('omp_num_threads', omp_threads()) for r in made}))}; the seeds one "
         f"after the other, at commit {', '.join(sorted({r.get('commit', '?') for r in made}))}\n\n")
     print(bench_record.write(args.out_json, "bench_main_job.py", lead + table(runs), runs=runs,
-                             omp_num_threads=threads)["table_md"])
+                             omp_num_threads=omp_threads())["table_md"])
 
 
 if __name__ == "__main__":
