@@ -27,8 +27,10 @@ def score_trained_positions_only(on: bool = True) -> bool:
     from trl.trainer import utils as trl_utils
 
     chooser = getattr(trl_utils, "_use_triton", None)
-    if chooser is None:
-        log.warning("this TRL has no trl.trainer.utils._use_triton: its fused LM head scores every position on the CPU")
+    if chooser is None:  # nothing to switch: TRL's own layout is all there is
+        if on:
+            log.warning("this TRL has no trl.trainer.utils._use_triton: its fused LM head scores every position on the "
+                        "CPU")
         return False
     original = getattr(chooser, "align_original", chooser)
     if not on:
