@@ -2,7 +2,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -51,11 +50,22 @@ def run_stage(tmp_path: Path, *overrides: str) -> dict:
     return _run(compose(tmp_path, *overrides))
 
 
-def cli(*args: str, cwd: Path = ROOT, env: dict | None = None, module=("-m", "align")) -> subprocess.CompletedProcess:
+def cli_env(env: dict | None = None) -> dict:
     full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     full_env.update({"WANDB_SILENT": "true", **(env or {})})
-    return subprocess.run([sys.executable, *module, *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=900)
+    return full_env
+
+
+def cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m align <args>`, run to its end in a child of the worker's forkserver (tests/forked.py)."""
+    return start_cli(*args, cwd=cwd, env=env).result(timeout=900)
+
+
+def start_cli(*args: str, cwd: Path = ROOT, env: dict | None = None):
+    """`python -m align <args>` started in a child of the worker's forkserver: pid, poll(), kill(), wait(), result()."""
+    import forked
+
+    return forked.Align(list(args), cwd, cli_env(env))
 
 
 # ------------------------------------------------------------------------------------ runs trained once per session

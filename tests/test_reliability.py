@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FINISHED_SFT as SFT, PAIR_LENGTH, PREF, ROOT, SECRET, TINY, cli, compose, copy_run, run_stage
+from conftest import (FINISHED_SFT as SFT, PAIR_LENGTH, PREF, ROOT, SECRET, TINY, cli, compose, copy_run, run_stage,
+                      start_cli)
 
 from align import AlignError, checks, locks, runs
 
@@ -146,17 +146,15 @@ def test_killed_overwrite_keeps_the_old_run_and_resumes_into_a_swap(finished, tm
     shutil.copytree(finished / "base", root / "kill")
     old = snapshot(root / "kill" / "sft")
     new = root / "kill" / "sft.new"
-    proc = subprocess.Popen([sys.executable, "-m", "align", *SFT, "run.name=kill", f"run.output_dir={root}",
-                             "run.overwrite=true", "trainer.max_steps=500", "seed=7"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"})
+    proc = start_cli(*SFT, "run.name=kill", f"run.output_dir={root}", "run.overwrite=true", "trainer.max_steps=500",
+                     "seed=7", env={"OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 300
         while runs.last_checkpoint(new) is None and time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.kill()  # SIGKILL
+        proc.result()
     assert runs.last_checkpoint(new), "the overwrite wrote no checkpoint before it was killed"
     step = int(Path(runs.last_checkpoint(new)).name.split("-")[-1])
     assert snapshot(root / "kill" / "sft") == old  # the finished run is whole while the overwrite was killed
@@ -312,9 +310,7 @@ def test_sft_killed_mid_run_and_resumed_ends_with_the_uninterrupted_adapter(tmp_
 
 def kill_after_checkpoint(args: list, root: Path, out: Path, step: int) -> None:
     """Start `python -m align <args> run.name=cut` and SIGKILL it as soon as checkpoint-<step> is complete."""
-    proc = subprocess.Popen([sys.executable, "-m", "align", *args, "run.name=cut", f"run.output_dir={root}"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"})
+    proc = start_cli(*args, "run.name=cut", f"run.output_dir={root}", env={"OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 300
         while runs.last_checkpoint(out) != str(out / "checkpoints" / f"checkpoint-{step}") and time.time() < deadline:
@@ -322,8 +318,8 @@ def kill_after_checkpoint(args: list, root: Path, out: Path, step: int) -> None:
                 break
             time.sleep(0.05)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.kill()  # SIGKILL
+        proc.result()
     assert not runs.is_finished(out), "the run finished before it could be killed"
     assert runs.last_checkpoint(out) is not None
 
