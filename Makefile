@@ -13,7 +13,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # the model classes) and the launchers' entry points
 export WARM_IMPORTS := import importlib, pkgutil, align; \
 [importlib.import_module(m.name) for m in pkgutil.walk_packages(align.__path__, "align.")]; \
-import peft, datasets, wandb, bitsandbytes, accelerate.commands.launch, torch.distributed.run; \
+import peft, datasets, wandb, bitsandbytes, accelerate.commands.launch, torch.distributed.run, pytest, xdist.remote; \
 from trl import SFTTrainer, DPOTrainer, KTOTrainer, RewardTrainer, GRPOTrainer; \
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaForCausalLM; \
 from align.config import compose; compose("stage=sft")
