@@ -49,7 +49,7 @@ model: setup
 run: model
 	$(BIN)/python -m align run.name=main tracking.mode=offline
 
-# every test, on TEST_WORKERS pytest-xdist workers of one torch thread each (tests/conftest.py; about 5 min on the
+# every test, on TEST_WORKERS pytest-xdist workers of one torch thread each (tests/conftest.py; 5-6 min on the
 # 2-core machine, README "Development"); `make test TEST_WORKERS=0` runs them in this one process
 TEST_WORKERS ?= 2
 test: model
