@@ -50,12 +50,6 @@ def run_stage(tmp_path: Path, *overrides: str) -> dict:
     return _run(compose(tmp_path, *overrides))
 
 
-def cli_env(env: dict | None = None) -> dict:
-    full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    full_env.update({"WANDB_SILENT": "true", **(env or {})})
-    return full_env
-
-
 def cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m align <args>`, run to its end in a child of the worker's forkserver (tests/forked.py)."""
     return start_cli(*args, cwd=cwd, env=env).result(timeout=900)
@@ -65,7 +59,9 @@ def start_cli(*args: str, cwd: Path = ROOT, env: dict | None = None):
     """`python -m align <args>` started in a child of the worker's forkserver: pid, poll(), kill(), wait(), result()."""
     import forked
 
-    return forked.Align(list(args), cwd, cli_env(env))
+    full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    full_env.update({"WANDB_SILENT": "true", **(env or {})})
+    return forked.Align(list(args), cwd, full_env)
 
 
 # ------------------------------------------------------------------------------------ runs trained once per session

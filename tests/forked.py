@@ -4,7 +4,9 @@ A fresh interpreter pays 7-8 s of imports before align runs a line (more than mo
 tests start about a dozen of them. Here each test process (pytest-xdist worker) starts one multiprocessing
 forkserver, which imports the stack once; every command is a child forked from it, with its own arguments, working
 folder, environment and stdout/stderr, running align/__main__.py as `python -m align` does (runpy), its exit code
-and atexit handlers included. The forkserver holds no threads, so the fork is clean.
+and atexit handlers included. The forkserver runs no Python thread beside its own (checked: its one other
+thread is pyarrow's jemalloc background thread, which jemalloc's own fork handlers keep safe), so no lock is
+copied into a child while another thread holds it.
 
 What still starts real interpreters: the README guide (tests/test_packaging.py), the launchers
 (tests/test_launchers.py, torchrun and accelerate start their own processes) and the benchmark scripts.
